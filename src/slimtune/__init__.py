@@ -1,0 +1,23 @@
+"""slimtune: parameter-efficient fine-tuning, the whole workflow.
+
+    import slimtune
+    result = slimtune.run("examples/quickstart.yaml", overrides=["train.lr=3e-4"])
+    result.metrics, result.run_dir
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["run", "evaluate", "predict", "load_config", "load_run", "ConfigError", "RunResult"]
+
+
+def __getattr__(name):  # keep `import slimtune` (and `slimtune --help`) fast: torch loads on first use
+    if name in ("run", "evaluate", "predict", "load_run", "RunResult"):
+        from . import api
+
+        return getattr(api, name)
+    if name in ("load_config", "ConfigError"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(name)

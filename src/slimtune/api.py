@@ -1,0 +1,296 @@
+"""The verbs, the same as the CLI's: run(), evaluate(), predict().
+
+`run()` follows one config from YAML to an adapter on disk:
+config -> data checks -> tokenizer -> features -> model + method -> loop -> run folder.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, dump_config, load_config
+from .data.batching import LengthGroupedBatches, eval_batches
+from .methods import apply_method
+from .models import load_tokenizer, resolve
+from .tasks import get_task
+from .track import atomic
+from .track.rundir import RunDir, git_hash, hardware, new_run_dir, versions
+from .train import checkpoint
+from .train.callbacks import EarlyStopping
+from .train.loop import Loop
+from .train.optim import build_optimizer
+from .train.progress import TrainProgress
+from .train.schedules import warmup_steps
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str
+    best_metrics: dict
+    final_metrics: dict
+    test_metrics: dict | None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict:
+        return self.best_metrics
+
+
+def resolve_precision(precision: str) -> str:
+    """accelerate's mixed_precision value: 'bf16', 'fp16' or 'no'."""
+    if precision == "fp32":
+        return "no"
+    if precision == "fp16":
+        if not torch.cuda.is_available():
+            raise ValueError("train.precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'auto' on CPU")
+        return "fp16"
+    if precision == "bf16":
+        return "bf16"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if cpu_bf16 else "no"
+
+
+def peak_memory_mb() -> dict:
+    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _print_report(acc, report) -> None:
+    for w in report.warnings:
+        acc.print(f"[data warning] {w}")
+
+
+def _model_for_task(cfg, task, source, splits, tokenizer):
+    model, head = task.load_model(cfg, source, splits)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_method(model, cfg.method, task_type=task.PEFT_TASK_TYPE, head_modules=head)
+    peft_cfg = getattr(model, "peft_config", {}).get("default")
+    if peft_cfg is not None:  # the id the ecosystem loads the base from, not a site-packages path
+        peft_cfg.base_model_name_or_path = source.hub_id or source.path
+    return model
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None,
+        callbacks: list | None = None) -> RunResult:
+    """Fine-tune as the config says; returns the metrics and the run folder.
+
+    `resume`: a run folder; training continues from its last checkpoint with its saved config.
+    `callbacks`: extra objects with on_train_begin / on_step_end / on_eval_end / on_train_end.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    wall0 = time.perf_counter()
+    if resume is not None:
+        resume = Path(resume)
+        if not (resume / "config.yaml").is_file():
+            raise FileNotFoundError(f"{resume}: not a run folder (no config.yaml)")
+        if not (resume / "checkpoints" / "last" / "state.json").is_file():
+            raise FileNotFoundError(f"{resume}: no checkpoint to resume from (checkpoints/last is missing)")
+        cfg = load_config(resume / "config.yaml", overrides)
+    else:
+        cfg = load_config(config, overrides)
+    task = get_task(cfg.task)
+    acc = Accelerator(mixed_precision=resolve_precision(cfg.train.precision))
+    set_seed(cfg.train.seed)
+
+    # data first: every data error shows before a model is loaded
+    splits = task.load_data(cfg)
+    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+    features = task.featurize(cfg, tokenizer, splits)
+    _print_report(acc, splits.report)
+
+    if resume is not None:
+        run_path = resume
+    else:
+        holder = [str(new_run_dir(cfg)) if acc.is_main_process else None]
+        if acc.num_processes > 1:
+            broadcast_object_list(holder)
+        run_path = Path(holder[0])
+    rd = RunDir(run_path, main=acc.is_main_process)
+    if acc.is_main_process:
+        atomic.clean_leftovers(run_path)
+    meta = {**splits.meta, "task": cfg.task, "model_source": source.__dict__, "data_sources": splits.sources}
+    if resume is None:
+        rd.write_text("config.yaml", dump_config(cfg))
+    rd.write_json("meta.json", meta)
+    rd.write_json("data_report.json", {"warnings": splits.report.warnings, "stats": splits.report.stats,
+                                       "sizes": {k: len(v) for k, v in features.items()}})
+
+    model = _model_for_task(cfg, task, source, splits, tokenizer)
+    trainable, total = count_params(model)
+    acc.print(f"run folder: {run_path}\nmodel: {cfg.model.name} ({source.origin})  method: {cfg.method.name}  "
+              f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {acc.mixed_precision}")
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    train_ex = features["train"]
+    sampler = LengthGroupedBatches([len(e["input_ids"]) for e in train_ex], cfg.train.batch_size, cfg.train.seed,
+                                   cfg.train.group_by_length, acc.num_processes, acc.process_index)
+    collate = task.collate(tokenizer)
+    loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate)
+    steps_per_epoch = math.ceil(sampler.per_rank() / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    eval_every = cfg.eval.every_steps or max(1, round(cfg.eval.every_epochs * steps_per_epoch))
+    eval_bs = cfg.eval.batch_size or 2 * cfg.train.batch_size
+    ev = features["eval"]
+
+    cbs = list(callbacks or [])
+    if cfg.train.early_stopping.patience:
+        cbs.append(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
+    progress = TrainProgress(total_steps, enabled=acc.is_main_process and sys.stderr.isatty())
+    loop = Loop(accelerator=acc, model=model, optimizer=optimizer, train_loader=loader, sampler=sampler,
+                eval_batches=eval_batches([len(e["input_ids"]) for e in ev], eval_bs), eval_examples=ev,
+                collate=collate, task=task, cfg=cfg, run=rd, callbacks=cbs, total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch, eval_every=eval_every,
+                warmup=warmup_steps(cfg.train.warmup, total_steps), progress=progress,
+                num_labels=len(splits.meta.get("labels", [])))
+    if resume is not None:
+        loop.restore(run_path / "checkpoints" / "last")
+        rd.truncate_metrics(loop.state["step"])
+        acc.print(f"resuming from step {loop.state['step']} of {total_steps}")
+
+    base_summary = {
+        "run_dir": str(run_path), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "precision": acc.mixed_precision, "num_processes": acc.num_processes, "seed": cfg.train.seed,
+        "total_steps": total_steps, "versions": versions(), "git": git_hash(), "hardware": hardware(),
+    }
+    rd.write_json("summary.json", {"status": "running", **base_summary})
+    try:
+        with progress:
+            state = loop.fit()
+    except KeyboardInterrupt:
+        loop.save_interrupt_checkpoint()
+        rd.write_json("summary.json", {"status": "interrupted", "step": loop.state["step"], **base_summary})
+        acc.print(f"\ninterrupted at step {loop.state['step']}; checkpoint saved. Resume with:\n"
+                  f"  slimtune run --resume {run_path}")
+        raise
+    except BaseException:
+        rd.write_json("summary.json", {"status": "failed", "step": loop.state["step"], **base_summary})
+        raise
+
+    # the run's result is the best evaluation: load it, save the adapter, test it
+    unwrapped = acc.unwrap_model(model)
+    best_path = run_path / "checkpoints" / "best"
+    acc.wait_for_everyone()
+    if (best_path / "trainable.safetensors").exists():
+        checkpoint.load(best_path, unwrapped)
+    if acc.is_main_process:
+        with atomic.folder(run_path / "adapter") as tmp:
+            unwrapped.save_pretrained(str(tmp), save_embedding_layers=False)  # 'auto' asks the Hub
+            tokenizer.save_pretrained(str(tmp))
+    test_metrics = None
+    if "test" in features:
+        test = features["test"]
+        test_metrics = loop.evaluate(test, eval_batches([len(e["input_ids"]) for e in test], eval_bs))
+        rd.log({"type": "test", "step": state["step"], **{f"test_{k}": v for k, v in test_metrics.items()}})
+        acc.print("test  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
+    secs = max(state["train_seconds"], 1e-9)
+    summary = {
+        "status": "completed", **base_summary,
+        "steps": state["step"], "stopped_early": state["stopped"],
+        "monitor": cfg.monitor, "best_step": state["best_step"], "best": state["best_metrics"],
+        "final": loop.last_metrics, "test": test_metrics,
+        "wall_seconds": time.perf_counter() - wall0, "train_seconds": state["train_seconds"],
+        "samples_seen": state["samples"], "tokens_seen": state["tokens"],
+        "samples_per_s": state["samples"] / secs, "tokens_per_s": state["tokens"] / secs,
+        **peak_memory_mb(),
+    }
+    rd.write_json("summary.json", summary)
+    acc.wait_for_everyone()
+    acc.print(f"done: best {cfg.monitor}={state['best_value']:.4f} at step {state['best_step']}; adapter in {run_path / 'adapter'}")
+    return RunResult(run_path, "completed", state["best_metrics"] or {}, loop.last_metrics, test_metrics, summary)
+
+
+# -- using a finished run ------------------------------------------------------
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    meta: dict
+    model: torch.nn.Module
+    tokenizer: object
+    task: object
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """The base model with the run's adapter, its tokenizer and task facts."""
+    from peft import PeftModel
+
+    from .tasks.common import Splits
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: no adapter/adapter_config.json; is this a finished run folder? (a run that was "
+                                f"interrupted can be finished with `slimtune run --resume {run_dir}`)")
+    cfg = load_config(run_dir / "config.yaml")
+    meta = RunDir(run_dir).read_json("meta.json")
+    task = get_task(cfg.task)
+    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    from .models import ModelSource
+
+    tokenizer = load_tokenizer(ModelSource(str(adapter), None, None, "folder"), cfg.model.trust_remote_code)
+    splits = Splits(None, None, None, None, meta=meta)
+    base, _ = task.load_model(cfg, source, splits)
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, str(adapter))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return LoadedRun(cfg, meta, model, tokenizer, task)
+
+
+def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None) -> dict:
+    """Metrics of a finished run's adapter on another data file (same columns as training)."""
+    from .data.readers import read_source
+    from .data.validate import DataReport
+    from .tasks.common import Splits
+    from .train.loop import eval_parts
+
+    lr = load_run(run_dir)
+    cfg, task = lr.cfg, lr.task
+    ds = read_source(data)
+    splits = Splits(None, None, ds, DataReport(), meta=lr.meta, sources={"test": data})
+    task.check_eval_data(cfg, splits)
+    examples = task.featurize(cfg, lr.tokenizer, splits)["test"]
+    bs = batch_size or cfg.eval.batch_size or 2 * cfg.train.batch_size
+    device = next(lr.model.parameters()).device
+    prec = resolve_precision(cfg.train.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else None
+    import contextlib
+
+    parts = eval_parts(lr.model, task, task.collate(lr.tokenizer), examples,
+                       eval_batches([len(e["input_ids"]) for e in examples], bs), device, autocast or contextlib.nullcontext)
+    wanted = cfg.eval.metrics or task.DEFAULT_METRICS
+    metrics = task.compute_metrics(parts, wanted, len(lr.meta.get("labels", [])))
+    for w in splits.report.warnings:
+        print(f"[data warning] {w}", file=sys.stderr)
+    return {"data": data, "examples": len(examples), **metrics}
+
+
+def predict(run_dir: str | Path, inputs: list[str], **kwargs) -> list[dict]:
+    """Labels and probabilities (classification) or generated text (causal-lm) for the inputs."""
+    lr = load_run(run_dir)
+    kwargs.setdefault("max_length", lr.cfg.model.max_length)
+    return lr.task.predict(lr.model, lr.tokenizer, list(inputs), lr.meta, **kwargs)

@@ -1,0 +1,132 @@
+"""Command line: parses, calls the API, prints. No logic of its own."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, the whole workflow.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _user_errors():
+    from .config import ConfigError
+    from .data.readers import DataError
+    from .models.resolve import ModelError
+
+    return (ConfigError, DataError, ModelError, FileNotFoundError)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see examples/)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides: train.lr=3e-4 method.r=16"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run from its folder"),
+):
+    """Fine-tune: data checks, training, evaluation; writes a run folder."""
+    from . import api
+
+    if config is None and resume is None:
+        _fail(ValueError("give a config file, or --resume RUN_DIR"))
+    if resume is not None and config is not None and "=" in str(config):
+        overrides = [str(config), *(overrides or [])]
+    try:
+        result = api.run(config, overrides=overrides, resume=resume)
+    except _user_errors() as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    out.print_json(json.dumps({"run_dir": str(result.run_dir), "best": result.best_metrics, "test": result.test_metrics}))
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder"),
+          data: str = typer.Option(..., "--data", help="data file with the training columns")):
+    """Metrics of a run's adapter on another data file."""
+    from . import api
+
+    try:
+        metrics = api.evaluate(run_dir, data)
+    except _user_errors() as e:
+        _fail(e)
+    out.print_json(json.dumps(metrics))
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
+            text: Optional[List[str]] = typer.Option(None, "--text", help="input text (repeatable)"),
+            file: Optional[Path] = typer.Option(None, "--file", help="a text file, one input per line"),
+            max_new_tokens: int = typer.Option(64, help="causal-lm: tokens to generate"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON lines")):
+    """Labels + probabilities (classification) or generated text (causal-lm)."""
+    from . import api
+
+    inputs = list(text or [])
+    if file is not None:
+        if not file.is_file():
+            _fail(FileNotFoundError(f"{file}: file not found"))
+        inputs += [l for l in file.read_text(encoding="utf-8").splitlines() if l.strip()]
+    if not inputs:
+        _fail(ValueError("give --text TEXT (repeatable) or --file FILE"))
+    try:
+        results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens)
+    except _user_errors() as e:
+        _fail(e)
+    if as_json:
+        for r in results:
+            print(json.dumps(r))
+        return
+    table = Table(show_header=True)
+    if "label" in results[0]:
+        table.add_column("text"), table.add_column("label"), table.add_column("score", justify="right")
+        for r in results:
+            table.add_row(r["text"], r["label"], f"{r['score']:.3f}")
+    else:
+        table.add_column("prompt"), table.add_column("generated")
+        for r in results:
+            table.add_row(r["prompt"], r["generated"])
+    out.print(table)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(...), overrides: Optional[List[str]] = typer.Argument(None)):
+    """Check a config and its data without training."""
+    from .config import load_config
+    from .tasks import get_task
+
+    try:
+        cfg = load_config(config, overrides)
+        splits = get_task(cfg.task).load_data(cfg)
+    except _user_errors() as e:
+        _fail(e)
+    out.print(f"config ok: task={cfg.task} model={cfg.model.name} method={cfg.method.name}")
+    out.print(f"data ok: train={len(splits.train)} eval={len(splits.eval)}" + (f" test={len(splits.test)}" if splits.test is not None else ""))
+    for w in splits.report.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def schema():
+    """The JSON schema of the run config (the reference of every key)."""
+    from .config import RunConfig
+
+    print(json.dumps(RunConfig.model_json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="slimtune")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,247 @@
+"""The run config: typed, validated before any model is loaded.
+
+One YAML file (plus `a.b=value` overrides) -> `RunConfig`. The field
+descriptions are the reference documentation (`slimtune schema` prints the JSON
+schema); unknown keys and bad values raise `ConfigError` naming the key, the
+value given and what is accepted.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .methods import MethodConfig
+from .methods.lora import LoraConfig
+from .schema import StrictModel
+
+TASKS = ("text-classification", "causal-lm")
+
+
+class ConfigError(ValueError):
+    """A config problem found before any compute; the message says what to change."""
+
+
+class ModelConfig(StrictModel):
+    name: str = Field(
+        ...,
+        description="Hugging Face model id, a local folder, or a .gguf file. Well-known ids fall back to "
+        "pip-packaged offline copies when the Hub cannot be reached.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside the folder `name` (or give the file path as `name`)")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless you trust it")
+    max_length: int = Field(256, ge=8, description="sequences are truncated to this many tokens")
+
+
+class DataConfig(StrictModel):
+    train: str = Field(
+        ...,
+        description="training data: a .csv/.tsv/.jsonl/.json/.parquet/.txt file, a saved `datasets` folder, "
+        "'hf:<name>[:<split>]' for a Hub dataset, or 'builtin:<name>' for a dataset shipped by a package",
+    )
+    eval: str | None = Field(None, description="evaluation data (same forms); carved out of train when absent")
+    test: str | None = Field(None, description="test data, evaluated once with the best checkpoint at the end")
+    text_column: str = Field("text", description="column with the input text")
+    text_pair_column: str | None = Field(None, description="optional second text column (sentence pairs)")
+    label_column: str = Field("label", description="column with the class label (text-classification)")
+    format: Literal["auto", "text", "chat", "instruction"] = Field(
+        "auto",
+        description="causal-lm record format: 'text' (plain text, packed into blocks), 'chat' (a messages "
+        "column of {role, content}), 'instruction' (prompt and response columns); 'auto' picks from the columns",
+    )
+    messages_column: str = Field("messages", description="column with chat messages (format: chat)")
+    prompt_column: str = Field("prompt", description="column with the instruction (format: instruction)")
+    response_column: str = Field("response", description="column with the response (format: instruction)")
+    train_on_prompt: bool = Field(False, description="causal-lm: also compute the loss on prompt / user tokens")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of train carved out for eval when eval is absent")
+    split_seed: int = Field(0, description="seed of the train/eval split")
+    max_train_samples: int | None = Field(None, ge=1, description="use only this many training examples (seeded sample)")
+    max_eval_samples: int | None = Field(None, ge=1, description="use only this many eval examples")
+    min_class_examples: int = Field(2, ge=1, description="a class with fewer examples than this cannot be split and fails validation")
+
+
+class EarlyStoppingConfig(StrictModel):
+    patience: int | None = Field(None, ge=1, description="stop after this many evaluations without improvement (off when null)")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change of the monitored metric that counts as improvement")
+
+
+class TrainConfig(StrictModel):
+    epochs: float = Field(3.0, gt=0, description="number of passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="number of optimizer steps; overrides epochs")
+    batch_size: int = Field(16, ge=1, description="examples per device per forward pass")
+    grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
+    schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="learning-rate decay after warmup")
+    warmup: float = Field(0.06, ge=0, description="warmup: a fraction of all steps if < 1, else a number of steps")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (off when null)")
+    seed: int = Field(42, description="seed for initialisation, data order and dropout")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="'auto': bf16 autocast where the hardware supports it (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32"
+    )
+    group_by_length: bool = Field(True, description="batch examples of similar length together (less padding)")
+    log_every: int = Field(10, ge=1, description="log training loss / lr / throughput every N optimizer steps")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+
+class EvalConfig(StrictModel):
+    every_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (overrides every_epochs)")
+    every_epochs: float = Field(1.0, gt=0, description="evaluate every this fraction (or multiple) of an epoch")
+    metrics: list[str] | None = Field(None, description="metrics to compute; default: accuracy, macro_f1 (classification), loss, perplexity (causal-lm)")
+    monitor: str | None = Field(None, description="metric that selects the best checkpoint and drives early stopping; default accuracy / loss")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="whether a higher monitored value is better; auto: min for loss/perplexity")
+    batch_size: int | None = Field(None, ge=1, description="eval batch size (default 2x train batch size)")
+
+
+class OutputConfig(StrictModel):
+    dir: str = Field("runs", description="root folder of run folders")
+    name: str | None = Field(None, description="run folder name (default: <task>-<model>-<time>)")
+    save_checkpoints: bool = Field(True, description="write a resumable checkpoint at each evaluation")
+
+
+class RunConfig(StrictModel):
+    task: Literal["text-classification", "causal-lm"] = Field(..., description="what the model learns to do")
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=LoraConfig, description="PEFT method and its options")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check_metrics(self):
+        from .tasks import task_metrics
+
+        known = task_metrics(self.task)
+        for m in self.eval.metrics or []:
+            if m not in known:
+                raise ValueError(f"eval.metrics: {m!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
+        if self.eval.monitor is not None and self.eval.monitor not in known:
+            raise ValueError(f"eval.monitor: {self.eval.monitor!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
+        return self
+
+    # resolved defaults ---------------------------------------------------
+    @property
+    def monitor(self) -> str:
+        return self.eval.monitor or ("accuracy" if self.task == "text-classification" else "loss")
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.eval.mode != "auto":
+            return self.eval.mode == "max"
+        return self.monitor not in ("loss", "perplexity")
+
+
+# -- loading -----------------------------------------------------------------
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (for example train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key {key!r}; use dotted names such as method.r")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} holds {nxt!r}, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = _loc_str(e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _section_model(e["loc"][:-1])
+            accepted = ", ".join(parent.model_fields) if parent else "see `slimtune schema`"
+            lines.append(f"  {loc}: unknown key (value {e['input']!r}); accepted keys here: {accepted}")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict):
+                lines.append(f"  {loc}: {e['input']!r} is not accepted: {msg}")
+            else:
+                lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _loc_str(loc) -> str:
+    """'method.r', dropping the union tag pydantic inserts after 'method'."""
+    from .methods import REGISTRY
+
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] == "method" and parts[1] in REGISTRY:
+        del parts[1]
+    return ".".join(str(x) for x in parts)
+
+
+def _section_model(loc) -> type | None:
+    """The pydantic model of the section that `loc` points into."""
+    from .methods import REGISTRY
+
+    parts = [p for p in loc if isinstance(p, str)]
+    if parts and parts[0] == "method":
+        name = parts[1] if len(parts) > 1 and parts[1] in REGISTRY else "lora"
+        return REGISTRY[name][0]
+    model: Any = RunConfig
+    for part in parts:
+        field = model.model_fields.get(part)
+        if field is None or not hasattr(field.annotation, "model_fields"):
+            return None
+        model = field.annotation
+    return model
+
+
+def config_from_dict(data: dict, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (task, model, data, ...), got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | dict | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML path, a dict or a RunConfig, with dotted overrides applied."""
+    if isinstance(path, RunConfig):
+        data, source = path.model_dump(mode="json"), "config"
+    elif isinstance(path, dict):
+        data, source = path, "config"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        source = str(p)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,218 @@
+"""Causal-LM fine-tuning on plain text, instruction records or chat records.
+
+Plain text is tokenized, joined with EOS and cut into blocks of max_length
+(the usual LM packing). Chat / instruction records go through the model's chat
+template; by default the loss is on the assistant tokens only (labels -100
+elsewhere), found by rendering the conversation prefix before each assistant
+turn and masking up to it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.readers import DataError
+from ..data.validate import require_columns, text_warnings
+from .common import Splits, pad_batch, read_splits, truncation_warning
+
+METRICS = ("loss", "perplexity")
+DEFAULT_METRICS = ("loss", "perplexity")
+PEFT_TASK_TYPE = "CAUSAL_LM"
+THROUGHPUT_UNIT = "tokens"
+
+# used when a tokenizer has no chat template of its own (base models)
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def detect_format(cfg, columns) -> str:
+    d = cfg.data
+    if d.format != "auto":
+        return d.format
+    if d.messages_column in columns:
+        return "chat"
+    if d.prompt_column in columns and d.response_column in columns:
+        return "instruction"
+    if d.text_column in columns:
+        return "text"
+    raise DataError(
+        f"{d.train}: cannot tell the record format from the columns {', '.join(columns)}; expected a "
+        f"{d.messages_column!r} column (chat), {d.prompt_column!r} + {d.response_column!r} (instruction) or "
+        f"{d.text_column!r} (plain text); set data.format and the column names"
+    )
+
+
+def _required(cfg, fmt):
+    d = cfg.data
+    return {
+        "chat": {d.messages_column: "data.messages_column"},
+        "instruction": {d.prompt_column: "data.prompt_column", d.response_column: "data.response_column"},
+        "text": {d.text_column: "data.text_column"},
+    }[fmt]
+
+
+def _check_messages(ds, column, source):
+    for i, msgs in enumerate(ds[column]):
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise DataError(f"{source}: record {i + 1}, column {column!r}: expected a list of {{'role', 'content'}} messages, got {str(msgs)[:80]!r}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{source}: record {i + 1}, column {column!r}: no 'assistant' message, so nothing to learn from")
+
+
+def load_data(cfg) -> Splits:
+    fmt_holder = {}
+
+    def check(ds, src):
+        fmt = fmt_holder.setdefault("fmt", detect_format(cfg, ds.column_names))
+        cols = _required(cfg, fmt)
+        require_columns(ds, list(cols), src, cols)
+        if fmt == "chat":
+            _check_messages(ds, cfg.data.messages_column, src)
+
+    splits = read_splits(cfg, None, check)
+    splits.meta["format"] = fmt_holder["fmt"]
+    key = {"chat": cfg.data.messages_column, "instruction": cfg.data.prompt_column, "text": cfg.data.text_column}[splits.meta["format"]]
+    texts = [str(x) for x in splits.train[key]]
+    text_warnings(splits.report, "train", texts, {"eval": [str(x) for x in splits.eval[key]]})
+    return splits
+
+
+def check_eval_data(cfg, splits: Splits) -> None:
+    """Checks for a data file evaluated against a finished run (`slimtune eval`)."""
+    from ..data.validate import require_nonempty
+
+    src = splits.sources["test"]
+    cols = _required(cfg, splits.meta["format"])
+    require_columns(splits.test, list(cols), src, cols)
+    require_nonempty(splits.test, "eval", src)
+    if splits.meta["format"] == "chat":
+        _check_messages(splits.test, cfg.data.messages_column, src)
+
+
+def load_model(cfg, source, splits):
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_pretrained
+
+    model, _ = load_pretrained(AutoModelForCausalLM, source, cfg.model.trust_remote_code, cfg.model.revision)
+    return model, []
+
+
+def _records_to_messages(cfg, ds, fmt):
+    d = cfg.data
+    if fmt == "chat":
+        return [[{"role": m["role"], "content": str(m["content"])} for m in msgs] for msgs in ds[d.messages_column]]
+    return [[{"role": "user", "content": str(p)}, {"role": "assistant", "content": str(r)}] for p, r in zip(ds[d.prompt_column], ds[d.response_column])]
+
+
+def _ids(tokenizer, messages, add_generation_prompt=False):
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_chat(tokenizer, messages, max_length: int, train_on_prompt: bool):
+    """input_ids and labels with -100 on everything but assistant turns; (example, truncated?)."""
+    ids = _ids(tokenizer, messages)
+    labels = list(ids) if train_on_prompt else [-100] * len(ids)
+    if not train_on_prompt:
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(_ids(tokenizer, messages[: i + 1]))
+            labels[start:end] = ids[start:end]
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
+
+
+def _pack_text(tokenizer, texts, max_length):
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += ids + ([eos] if eos is not None else [])
+    blocks = [stream[i:i + max_length] for i in range(0, len(stream), max_length)]
+    blocks = [b for b in blocks if len(b) >= min(16, max_length)]
+    return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]
+
+
+def featurize(cfg, tokenizer, splits: Splits):
+    fmt = splits.meta["format"]
+    if fmt != "text" and not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        splits.report.warn("the tokenizer has no chat template; using a ChatML fallback (<|im_start|>role ... <|im_end|>)")
+    out = {}
+    for name in ("train", "eval", "test"):
+        ds = getattr(splits, name)
+        if ds is None:
+            continue
+        if fmt == "text":
+            out[name] = _pack_text(tokenizer, [str(t) for t in ds[cfg.data.text_column]], cfg.model.max_length)
+        else:
+            examples, n_trunc = [], 0
+            for msgs in _records_to_messages(cfg, ds, fmt):
+                ex, trunc = encode_chat(tokenizer, msgs, cfg.model.max_length, cfg.data.train_on_prompt)
+                n_trunc += trunc
+                if any(l != -100 for l in ex["labels"]):
+                    examples.append(ex)
+            truncation_warning(splits.report, name, n_trunc, len(ds), cfg.model.max_length)
+            dropped = len(ds) - len(examples)
+            if dropped:
+                splits.report.warn(f"{name}: {dropped} record(s) had no response tokens left after truncation and were dropped")
+            out[name] = examples
+        if not out[name]:
+            raise DataError(f"{splits.sources.get(name, name)}: no {name} examples left after tokenization")
+    return out
+
+
+def collate(tokenizer):
+    pad_id = tokenizer.pad_token_id
+
+    def fn(examples):
+        return pad_batch(examples, pad_id)
+
+    return fn
+
+
+def count(batch) -> tuple[int, int]:
+    return batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+
+
+def eval_step(model, batch) -> dict:
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    tok_loss = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=-100
+    )
+    # per-example sums, so gather_for_metrics drops the padding duplicates of the last batch correctly
+    return {"loss_sum": tok_loss.sum(1), "tokens": (shift_labels != -100).sum(1).float()}
+
+
+def compute_metrics(parts: dict, wanted, num_labels=None) -> dict:
+    loss = float(parts["loss_sum"].sum() / parts["tokens"].sum().clamp(min=1))
+    vals = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {m: vals[m] for m in wanted}
+
+
+@torch.inference_mode()
+def predict(model, tokenizer, texts: list[str], meta: dict, max_new_tokens: int = 64, do_sample: bool = False, **_):
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for text in texts:
+        if meta.get("format") != "text" and tokenizer.chat_template:
+            ids = _ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+        else:
+            ids = tokenizer(text)["input_ids"]
+        inp = torch.tensor([ids], device=device)
+        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+        results.append({"prompt": text, "generated": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
+    return results

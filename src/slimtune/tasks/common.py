@@ -1,0 +1,101 @@
+"""Pieces shared by tasks: split loading, padding, metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from ..data.readers import read_source
+from ..data.splits import split_indices
+from ..data.validate import DataReport, require_nonempty
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    eval: Dataset
+    test: Dataset | None
+    report: DataReport
+    meta: dict = field(default_factory=dict)  # task facts kept in the run folder (labels, format)
+    sources: dict = field(default_factory=dict)
+
+
+def read_splits(cfg, stratify_column: str | None, check_columns) -> Splits:
+    """Read train / eval / test, check columns, carve eval out of train when absent."""
+    d = cfg.data
+    report = DataReport()
+    train = read_source(d.train)
+    check_columns(train, d.train)
+    require_nonempty(train, "train", d.train)
+    sources = {"train": d.train}
+    if d.eval:
+        ev = read_source(d.eval)
+        check_columns(ev, d.eval)
+        require_nonempty(ev, "eval", d.eval)
+        sources["eval"] = d.eval
+    else:
+        labels = None
+        if stratify_column:
+            from ..data.validate import check_class_sizes
+
+            labels = [str(x).strip() for x in train[stratify_column]]
+            check_class_sizes(labels, f"{d.train} (column {stratify_column!r})", d.min_class_examples)
+        if len(train) < 2:
+            raise_small(d.train, len(train))
+        tr_idx, ev_idx = split_indices(len(train), d.eval_fraction, d.split_seed, labels)
+        ev = train.select(ev_idx)
+        train = train.select(tr_idx)
+        sources["eval"] = f"{d.eval_fraction:.0%} of {d.train} (seed {d.split_seed})"
+        report.stats["eval_carved_out"] = True
+    test = None
+    if d.test:
+        test = read_source(d.test)
+        check_columns(test, d.test)
+        require_nonempty(test, "test", d.test)
+        sources["test"] = d.test
+    if d.max_train_samples and len(train) > d.max_train_samples:
+        train = train.shuffle(seed=d.split_seed).select(range(d.max_train_samples))
+    if d.max_eval_samples and len(ev) > d.max_eval_samples:
+        ev = ev.shuffle(seed=d.split_seed).select(range(d.max_eval_samples))
+    return Splits(train, ev, test, report, sources=sources)
+
+
+def raise_small(source: str, n: int):
+    from ..data.readers import DataError
+
+    raise DataError(f"{source}: {n} example(s) cannot be split into train and eval; add examples or give data.eval")
+
+
+def pad_batch(examples: list[dict], pad_id: int, keys=("input_ids", "attention_mask", "labels"), label_pad: int = -100) -> dict:
+    n = max(len(e["input_ids"]) for e in examples)
+    out = {}
+    for key in keys:
+        if key not in examples[0] or not isinstance(examples[0][key], list):
+            continue
+        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": label_pad}.get(key, 0)
+        out[key] = torch.tensor([e[key] + [fill] * (n - len(e[key])) for e in examples], dtype=torch.long)
+    return out
+
+
+def truncation_warning(report: DataReport, split: str, n_truncated: int, n: int, max_length: int) -> None:
+    report.stats[f"{split}_truncated"] = n_truncated
+    if n_truncated:
+        report.warn(f"{split}: {n_truncated} of {n} examples ({n_truncated / n:.1%}) are longer than model.max_length={max_length} and were truncated")
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float((pred == gold).mean()) if len(gold) else float("nan")
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
+    f1s = []
+    for c in range(num_classes):
+        tp = np.sum((pred == c) & (gold == c))
+        fp = np.sum((pred == c) & (gold != c))
+        fn = np.sum((pred != c) & (gold == c))
+        if tp + fp + fn == 0:
+            continue  # class absent from both: not part of the average
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else float("nan")

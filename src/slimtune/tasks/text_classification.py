@@ -1,0 +1,153 @@
+"""Single-label text classification: the label set comes from the training data."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.validate import check_unseen_labels, imbalance_warning, require_columns, text_warnings
+from .common import Splits, accuracy, macro_f1, pad_batch, read_splits, truncation_warning
+
+METRICS = ("accuracy", "macro_f1", "loss")
+DEFAULT_METRICS = ("accuracy", "macro_f1", "loss")
+PEFT_TASK_TYPE = "SEQ_CLS"
+THROUGHPUT_UNIT = "samples"
+
+
+def _columns(cfg):
+    d = cfg.data
+    cols = {d.text_column: "data.text_column", d.label_column: "data.label_column"}
+    if d.text_pair_column:
+        cols[d.text_pair_column] = "data.text_pair_column"
+    return cols
+
+
+def _labels(ds, column):
+    return [str(x).strip() for x in ds[column]]
+
+
+def load_data(cfg) -> Splits:
+    d = cfg.data
+    cols = _columns(cfg)
+    splits = read_splits(cfg, d.label_column, lambda ds, src: require_columns(ds, list(cols), src, cols))
+    train_labels = _labels(splits.train, d.label_column)
+    for name in ("eval", "test"):
+        ds = getattr(splits, name)
+        if ds is not None:
+            check_unseen_labels(train_labels, _labels(ds, d.label_column), splits.sources[name], d.label_column)
+    labels = sorted(set(train_labels), key=lambda x: (len(x), x) if x.isdigit() else (1 << 30, x))
+    if len(labels) < 2:
+        from ..data.readers import DataError
+
+        raise DataError(f"{d.train}: column {d.label_column!r} has a single label {labels[0]!r}; classification needs at least 2")
+    splits.meta["labels"] = labels
+    texts = [str(t) for t in splits.train[d.text_column]]
+    others = {"eval": [str(t) for t in splits.eval[d.text_column]]}
+    if splits.test is not None:
+        others["test"] = [str(t) for t in splits.test[d.text_column]]
+    text_warnings(splits.report, "train", texts, others)
+    imbalance_warning(splits.report, train_labels)
+    return splits
+
+
+def check_eval_data(cfg, splits: Splits) -> None:
+    """Checks for a data file evaluated against a finished run (`slimtune eval`)."""
+    from ..data.validate import require_nonempty
+
+    cols = _columns(cfg)
+    src = splits.sources["test"]
+    require_columns(splits.test, list(cols), src, cols)
+    require_nonempty(splits.test, "eval", src)
+    check_unseen_labels(splits.meta["labels"], _labels(splits.test, cfg.data.label_column), src, cfg.data.label_column)
+
+
+def load_model(cfg, source, splits):
+    from transformers import AutoModelForSequenceClassification
+
+    from ..models import load_pretrained
+
+    labels = splits.meta["labels"]
+    model, new_modules = load_pretrained(
+        AutoModelForSequenceClassification, source, cfg.model.trust_remote_code, cfg.model.revision,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+    )
+    # the head is whatever from_pretrained had to initialise (classifier / score), trained in full
+    head = sorted({m.split(".")[0] for m in new_modules}) or [n for n in ("classifier", "score") if hasattr(model, n)]
+    return model, head
+
+
+def featurize(cfg, tokenizer, splits: Splits):
+    d = cfg.data
+    label_id = {l: i for i, l in enumerate(splits.meta["labels"])}
+    out = {}
+    for name in ("train", "eval", "test"):
+        ds = getattr(splits, name)
+        if ds is None:
+            continue
+        texts = [str(t) for t in ds[d.text_column]]
+        pairs = [str(t) for t in ds[d.text_pair_column]] if d.text_pair_column else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.model.max_length)
+        # only examples that hit max_length can have been truncated: re-tokenize just those to check
+        at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= cfg.model.max_length]
+        n_trunc = 0
+        if at_max:
+            full = tokenizer([texts[i] for i in at_max], [pairs[i] for i in at_max] if pairs else None)["input_ids"]
+            n_trunc = sum(len(x) > cfg.model.max_length for x in full)
+        truncation_warning(splits.report, name, n_trunc, len(texts), cfg.model.max_length)
+        labels = [label_id.get(l, -1) for l in _labels(ds, d.label_column)]
+        out[name] = [
+            {"input_ids": ids, "attention_mask": am, "labels": y}
+            for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels)
+        ]
+    return out
+
+
+def collate(tokenizer):
+    pad_id = tokenizer.pad_token_id
+
+    def fn(examples):
+        batch = pad_batch(examples, pad_id, keys=("input_ids", "attention_mask"))
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        return batch
+
+    return fn
+
+
+def count(batch) -> tuple[int, int]:
+    return batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+
+
+def eval_step(model, batch) -> dict:
+    out = model(**batch)
+    logits = out.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    return {"pred": logits.argmax(-1), "gold": batch["labels"], "loss": loss}
+
+
+def compute_metrics(parts: dict, wanted, num_labels: int) -> dict:
+    pred, gold = parts["pred"].cpu().numpy(), parts["gold"].cpu().numpy()
+    all_metrics = {
+        "accuracy": lambda: accuracy(pred, gold),
+        "macro_f1": lambda: macro_f1(pred, gold, num_labels),
+        "loss": lambda: float(parts["loss"].float().mean()),
+    }
+    return {m: all_metrics[m]() for m in wanted}
+
+
+@torch.inference_mode()
+def predict(model, tokenizer, texts: list[str], meta: dict, max_length: int = 256, batch_size: int = 32, **_):
+    labels = meta["labels"]
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+        probs = model(**enc).logits.float().softmax(-1).cpu().numpy()
+        for text, p in zip(texts[i:i + batch_size], probs):
+            order = np.argsort(-p)
+            results.append({
+                "text": text,
+                "label": labels[int(order[0])],
+                "score": float(p[order[0]]),
+                "probabilities": {labels[int(j)]: float(p[j]) for j in order},
+            })
+    return results

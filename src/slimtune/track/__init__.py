@@ -1,0 +1,1 @@
+"""Run folders: every run is a directory with its config, metrics, summary and adapter."""

@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, optimizer groups, callbacks and checkpoints."""

@@ -1,0 +1,34 @@
+"""Callbacks: features hook into the loop through a small closed set of events.
+
+Events: on_train_begin(loop), on_step_end(loop), on_eval_end(loop, metrics),
+on_train_end(loop). Stopping is an exception (`StopTraining`), not a flag.
+"""
+from __future__ import annotations
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training cleanly (the best checkpoint is kept)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class EarlyStopping:
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience = patience
+        self.min_delta = min_delta
+
+    def on_eval_end(self, loop, metrics: dict) -> None:
+        if loop.state["evals_since_best"] >= self.patience:
+            raise StopTraining(
+                f"early stopping: {loop.monitor} did not improve by more than {self.min_delta} for {self.patience} evaluations "
+                f"(best {loop.state['best_value']:.4f} at step {loop.state['best_step']})"
+            )
+
+
+def fire(callbacks, event: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(*args)
