@@ -119,7 +119,7 @@ def cls_config(model: str, data: dict, out: Path, **train) -> dict:
         "model": {"name": model, "max_length": 32},
         "data": {"train": data["train"], **({"test": data["test"]} if "test" in data else {})},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-        "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "log_every": 2, "precision": "fp32", **train},
+        "train": {"epochs": 10, "batch_size": 16, "lr": 1e-2, "log_every": 2, "precision": "fp32", **train},
         "eval": {"every_steps": 5},
         "output": {"dir": str(out), "name": "run"},
     }

@@ -66,6 +66,18 @@ def peak_memory_mb() -> dict:
     return out
 
 
+def _accelerator(mixed_precision: str):
+    """An Accelerator for this run. accelerate keeps its state in a process-wide singleton;
+    a second run() in the same process (tests, sweeps, notebooks) with another precision
+    needs that state reset, while the distributed part (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def _print_report(acc, report) -> None:
     for w in report.warnings:
         acc.print(f"[data warning] {w}")
@@ -95,7 +107,6 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     `resume`: a run folder; training continues from its last checkpoint with its saved config.
     `callbacks`: extra objects with on_train_begin / on_step_end / on_eval_end / on_train_end.
     """
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, set_seed
 
     wall0 = time.perf_counter()
@@ -109,7 +120,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     else:
         cfg = load_config(config, overrides)
     task = get_task(cfg.task)
-    acc = Accelerator(mixed_precision=resolve_precision(cfg.train.precision))
+    acc = _accelerator(resolve_precision(cfg.train.precision))
     set_seed(cfg.train.seed)
 
     # data first: every data error shows before a model is loaded
@@ -147,7 +158,9 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     sampler = LengthGroupedBatches([len(e["input_ids"]) for e in train_ex], cfg.train.batch_size, cfg.train.seed,
                                    cfg.train.group_by_length, acc.num_processes, acc.process_index)
     collate = task.collate(tokenizer)
-    loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate)
+    # its own generator: a DataLoader draws a base seed from the global RNG at each epoch, which would
+    # shift the dropout stream of a resumed run
+    loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
     steps_per_epoch = math.ceil(sampler.per_rank() / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     eval_every = cfg.eval.every_steps or max(1, round(cfg.eval.every_epochs * steps_per_epoch))

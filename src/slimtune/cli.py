@@ -18,7 +18,7 @@ out = Console()
 def _user_errors():
     from .config import ConfigError
     from .data.readers import DataError
-    from .models.resolve import ModelError
+    from .models.sources import ModelError
 
     return (ConfigError, DataError, ModelError, FileNotFoundError)
 
