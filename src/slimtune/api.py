@@ -75,7 +75,10 @@ def _accelerator(mixed_precision: str):
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True where there is no GPU: accelerate then forms a gloo group under torchrun /
+    # `accelerate launch`; without it each process would train alone
+    accel = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=not accel)
 
 
 def _print_report(acc, report) -> None:

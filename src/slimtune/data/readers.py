@@ -62,6 +62,8 @@ def _read_jsonl(path: Path) -> Dataset:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {i} is not valid JSON ({e.msg}); expected one JSON object per line") from None
+    if not rows:
+        raise DataError(f"{path}: the file is empty (no records)")
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataError(f"{path}: record {bad} is not a JSON object; expected objects such as {{\"text\": ..., \"label\": ...}}")

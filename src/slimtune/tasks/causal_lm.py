@@ -56,7 +56,10 @@ def _required(cfg, fmt):
 
 def _check_messages(ds, column, source):
     for i, msgs in enumerate(ds[column]):
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        # Arrow gives every message all keys seen in the column, a missing one as None
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and m.get("role") is not None and m.get("content") is not None for m in msgs
+        ):
             raise DataError(f"{source}: record {i + 1}, column {column!r}: expected a list of {{'role', 'content'}} messages, got {str(msgs)[:80]!r}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{source}: record {i + 1}, column {column!r}: no 'assistant' message, so nothing to learn from")
@@ -66,7 +69,9 @@ def load_data(cfg) -> Splits:
     fmt_holder = {}
 
     def check(ds, src):
-        fmt = fmt_holder.setdefault("fmt", detect_format(cfg, ds.column_names))
+        if "fmt" not in fmt_holder:  # detected from train only; eval / test must have the same columns
+            fmt_holder["fmt"] = detect_format(cfg, ds.column_names)
+        fmt = fmt_holder["fmt"]
         cols = _required(cfg, fmt)
         require_columns(ds, list(cols), src, cols)
         if fmt == "chat":

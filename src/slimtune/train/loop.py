@@ -149,7 +149,9 @@ class Loop:
         examples = self.eval_examples if examples is None else examples
         batches = self.eval_batches if batches is None else batches
         mine = batches[self.acc.process_index::self.acc.num_processes]
-        local = eval_parts(self.model, self.task, self.collate, examples, mine, self.acc.device, self.acc.autocast)
+        # the unwrapped model: DDP's forward broadcasts buffers, a collective that would hang
+        # when processes hold different numbers of eval batches
+        local = eval_parts(self.acc.unwrap_model(self.model), self.task, self.collate, examples, mine, self.acc.device, self.acc.autocast)
         if self.acc.num_processes > 1:
             gathered = [g for g in gather_object([local]) if g]
             local = {k: torch.cat([g[k] for g in gathered]) for k in gathered[0]}
