@@ -123,3 +123,19 @@ def cls_config(model: str, data: dict, out: Path, **train) -> dict:
         "eval": {"every_steps": 5},
         "output": {"dir": str(out), "name": "run"},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_wide(tmp_path_factory) -> str:
+    """A tiny BERT with a larger init scale and widths that every method's block sizes divide."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert-wide")
+    tok = _tokenizer("bert")
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.2)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

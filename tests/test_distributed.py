@@ -26,8 +26,12 @@ def test_two_process_accelerate_launch(tiny_bert, cls_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = list((tmp_path / "runs").iterdir())
+    runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert [p.name for p in runs] == ["run"]  # one run folder, written by the main process only
+    from slimtune.track import index
+
+    (row,) = index.rows(tmp_path / "runs")  # registered once, by the main process
+    assert row["name"] == "run" and row["status"] == "completed" and row["energy_kwh"] > 0
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["num_processes"] == 2

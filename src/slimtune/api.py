@@ -16,16 +16,19 @@ import torch
 
 from .config import RunConfig, dump_config, load_config
 from .data.batching import LengthGroupedBatches, eval_batches
-from .methods import apply_method
+from .methods import MethodContext, apply_method, get_method, load_adapter, save_adapter
 from .models import load_tokenizer, resolve
 from .tasks import get_task
 from .track import atomic
 from .track.rundir import RunDir, git_hash, hardware, new_run_dir, versions
+from .track.session import RunTracking
 from .train import checkpoint
 from .train.callbacks import EarlyStopping
 from .train.loop import Loop
 from .train.optim import build_optimizer
+from .train.groups import lr_multipliers, split_groups
 from .train.progress import TrainProgress
+from .train.transfer import GradualUnfreeze, SeqLenWarmup, Staged, truncating_collate
 from .train.schedules import warmup_steps
 
 
@@ -86,15 +89,80 @@ def _print_report(acc, report) -> None:
         acc.print(f"[data warning] {w}")
 
 
-def _model_for_task(cfg, task, source, splits, tokenizer):
-    model, head = task.load_model(cfg, source, splits)
+def _model_for_task(cfg, task, source, splits, tokenizer, total_steps=None, sample_batches=None):
+    method = get_method(cfg.method.name)
+    load_kw = method.load_kwargs(cfg.method) if method.load_kwargs else {}
+    model, head = task.load_model(cfg, source, splits, **load_kw)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = apply_method(model, cfg.method, task_type=task.PEFT_TASK_TYPE, head_modules=head)
+    ctx = MethodContext(cfg.task, task.PEFT_TASK_TYPE, head, total_steps, sample_batches)
+    model = apply_method(model, cfg.method, ctx)
     peft_cfg = getattr(model, "peft_config", {}).get("default")
     if peft_cfg is not None:  # the id the ecosystem loads the base from, not a site-packages path
         peft_cfg.base_model_name_or_path = source.hub_id or source.path
     return model
+
+
+class _MethodStep:
+    """A method's per-step hook (AdaLoRA's rank allocation) as a loop callback."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_optimizer_step(self, loop):
+        self.fn(loop.acc.unwrap_model(loop.model), loop.state["step"])
+
+
+def _lr_scale(cfg, method, groups):
+    """Per-parameter (group, lr multiplier): layer-wise / discriminative rates composed with the method's own (LoRA+)."""
+    t = cfg.train
+    mults = None
+    if t.layer_decay is not None or t.lr_ratio_min is not None or t.head_lr is not None:
+        mults = lr_multipliers(groups, t.layer_decay, t.lr_ratio_min, t.head_lr / t.lr if t.head_lr else None)
+
+    def scale(name):
+        g, m = None, 1.0
+        if mults is not None:
+            g = groups.of_param.get(name, "head")
+            m = mults[g]
+        own = method.lr_scale(name, cfg.method) if method.lr_scale else None
+        if own:
+            g, m = (f"{g}/{own[0]}" if g else own[0]), m * own[1]
+        return (g, m) if g else None
+
+    return (scale if (mults is not None or method.lr_scale) else None), mults
+
+
+def _trainable_per_group(model, groups) -> dict:
+    out = {g: 0 for g in groups.names}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[groups.of_param.get(n, "head")] += p.numel()
+    return out
+
+
+def _transfer_callbacks(cfg, model, groups, total_steps, steps_per_epoch, seq_len, acc):
+    t = cfg.train
+    cbs, lr_fn = [], None
+    if (t.unfreeze or t.strategy == "staged") and acc.num_processes > 1:
+        raise ValueError("train.unfreeze / train.strategy=staged change which parameters train during the run, "
+                         "which DistributedDataParallel does not allow; run them in a single process")
+    if t.unfreeze:
+        every = t.unfreeze.every_steps or max(1, round(t.unfreeze.every_epochs * steps_per_epoch))
+        cbs.append(GradualUnfreeze(model, groups, every, t.unfreeze.start))
+    if t.strategy == "staged":
+        head_steps = max(1, round(t.staged.head_fraction * total_steps))
+        staged = Staged(model, groups, head_steps, total_steps, t.staged.head_lr_mult,
+                        warmup_steps(t.warmup, total_steps - head_steps), t.schedule)
+        cbs.append(staged)
+        lr_fn = staged.lr_factor
+    if t.seq_len_schedule:
+        cbs.append(SeqLenWarmup(t.seq_len_schedule, total_steps, seq_len))
+    return cbs, lr_fn
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def count_params(model) -> tuple[int, int]:
@@ -123,6 +191,9 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     else:
         cfg = load_config(config, overrides)
     task = get_task(cfg.task)
+    env_check = get_method(cfg.method.name).check_environment
+    if env_check:
+        env_check(cfg.method)
     acc = _accelerator(resolve_precision(cfg.train.precision))
     set_seed(cfg.train.seed)
 
@@ -149,28 +220,49 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     rd.write_json("meta.json", meta)
     rd.write_json("data_report.json", {"warnings": splits.report.warnings, "stats": splits.report.stats,
                                        "sizes": {k: len(v) for k, v in features.items()}})
-
-    model = _model_for_task(cfg, task, source, splits, tokenizer)
-    trainable, total = count_params(model)
-    acc.print(f"run folder: {run_path}\nmodel: {cfg.model.name} ({source.origin})  method: {cfg.method.name}  "
-              f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {acc.mixed_precision}")
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    model, optimizer = acc.prepare(model, optimizer)
+    tracking = RunTracking(cfg, rd, acc, resumed=resume is not None)  # index, cost, energy / CO2, MLflow / TensorBoard
 
     train_ex = features["train"]
     sampler = LengthGroupedBatches([len(e["input_ids"]) for e in train_ex], cfg.train.batch_size, cfg.train.seed,
                                    cfg.train.group_by_length, acc.num_processes, acc.process_index)
     collate = task.collate(tokenizer)
+    seq_len = {}  # the current max length under train.seq_len_schedule, read by the collate function
+    train_collate = truncating_collate(collate, seq_len, keep_last=cfg.task == "text-classification") \
+        if cfg.train.seq_len_schedule else collate
     # its own generator: a DataLoader draws a base seed from the global RNG at each epoch, which would
     # shift the dropout stream of a resumed run
-    loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=train_collate, generator=torch.Generator())
     steps_per_epoch = math.ceil(sampler.per_rank() / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     eval_every = cfg.eval.every_steps or max(1, round(cfg.eval.every_epochs * steps_per_epoch))
     eval_bs = cfg.eval.batch_size or 2 * cfg.train.batch_size
     ev = features["eval"]
 
+    def sample_batches():  # for data-driven initialisations (EVA); numpy-seeded, leaves torch's RNG alone
+        for idx in sampler.global_batches():
+            yield _to_device(collate([train_ex[i] for i in idx]), acc.device)
+
+    model = _model_for_task(cfg, task, source, splits, tokenizer, total_steps, sample_batches)
+    trainable, total = count_params(model)
+    acc.print(f"run folder: {run_path}\nmodel: {cfg.model.name} ({source.origin})  method: {cfg.method.name}  "
+              f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {acc.mixed_precision}")
+    method = get_method(cfg.method.name)
+    groups = split_groups(model)
+    lr_scale, mults = _lr_scale(cfg, method, groups)
+    if acc.is_main_process:
+        rd.write_json("param_groups.json", {"groups": groups.names, "lr_multipliers": mults, "note": groups.note,
+                                            "trainable_per_group": _trainable_per_group(model, groups)})
+    if groups.note:
+        acc.print(f"[groups] {groups.note}")
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, lr_scale)
+    transfer_cbs, lr_fn = _transfer_callbacks(cfg, model, groups, total_steps, steps_per_epoch, seq_len, acc)
+    model, optimizer = acc.prepare(model, optimizer)
+
     cbs = list(callbacks or [])
+    cbs.insert(0, tracking)
+    if method.on_optimizer_step:
+        cbs.append(_MethodStep(method.on_optimizer_step))
+    cbs += transfer_cbs
     if cfg.train.early_stopping.patience:
         cbs.append(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
     progress = TrainProgress(total_steps, enabled=acc.is_main_process and sys.stderr.isatty())
@@ -179,7 +271,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
                 collate=collate, task=task, cfg=cfg, run=rd, callbacks=cbs, total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 warmup=warmup_steps(cfg.train.warmup, total_steps), progress=progress,
-                num_labels=len(splits.meta.get("labels", [])))
+                num_labels=len(splits.meta.get("labels", [])), lr_fn=lr_fn)
     if resume is not None:
         loop.restore(run_path / "checkpoints" / "last")
         rd.truncate_metrics(loop.state["step"])
@@ -191,18 +283,19 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         "precision": acc.mixed_precision, "num_processes": acc.num_processes, "seed": cfg.train.seed,
         "total_steps": total_steps, "versions": versions(), "git": git_hash(), "hardware": hardware(),
     }
+    base_summary = tracking.begin(base_summary)
     rd.write_json("summary.json", {"status": "running", **base_summary})
     try:
         with progress:
             state = loop.fit()
     except KeyboardInterrupt:
         loop.save_interrupt_checkpoint()
-        rd.write_json("summary.json", {"status": "interrupted", "step": loop.state["step"], **base_summary})
+        rd.write_json("summary.json", tracking.end({"status": "interrupted", "step": loop.state["step"], **base_summary}, loop))
         acc.print(f"\ninterrupted at step {loop.state['step']}; checkpoint saved. Resume with:\n"
                   f"  slimtune run --resume {run_path}")
         raise
     except BaseException:
-        rd.write_json("summary.json", {"status": "failed", "step": loop.state["step"], **base_summary})
+        rd.write_json("summary.json", tracking.end({"status": "failed", "step": loop.state["step"], **base_summary}, loop))
         raise
 
     # the run's result is the best evaluation: load it, save the adapter, test it
@@ -213,17 +306,19 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         checkpoint.load(best_path, unwrapped)
     if acc.is_main_process:
         with atomic.folder(run_path / "adapter") as tmp:
-            unwrapped.save_pretrained(str(tmp), save_embedding_layers=False)  # 'auto' asks the Hub
+            save_adapter(unwrapped, cfg.method, tmp, source.hub_id or source.path, cfg.task)
             tokenizer.save_pretrained(str(tmp))
     test_metrics = None
-    if "test" in features:
+    status = loop.stop_status  # 'pruned' when a sweep stopped it: no test evaluation
+    if "test" in features and status != "pruned":
         test = features["test"]
         test_metrics = loop.evaluate(test, eval_batches([len(e["input_ids"]) for e in test], eval_bs))
         rd.log({"type": "test", "step": state["step"], **{f"test_{k}": v for k, v in test_metrics.items()}})
         acc.print("test  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
+        tracking.on_test_end(loop)
     secs = max(state["train_seconds"], 1e-9)
     summary = {
-        "status": "completed", **base_summary,
+        "status": status, **base_summary,
         "steps": state["step"], "stopped_early": state["stopped"],
         "monitor": cfg.monitor, "best_step": state["best_step"], "best": state["best_metrics"],
         "final": loop.last_metrics, "test": test_metrics,
@@ -232,10 +327,11 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         "samples_per_s": state["samples"] / secs, "tokens_per_s": state["tokens"] / secs,
         **peak_memory_mb(),
     }
+    summary = tracking.end(summary, loop)
     rd.write_json("summary.json", summary)
     acc.wait_for_everyone()
     acc.print(f"done: best {cfg.monitor}={state['best_value']:.4f} at step {state['best_step']}; adapter in {run_path / 'adapter'}")
-    return RunResult(run_path, "completed", state["best_metrics"] or {}, loop.last_metrics, test_metrics, summary)
+    return RunResult(run_path, status, state["best_metrics"] or {}, loop.last_metrics, test_metrics, summary)
 
 
 # -- using a finished run ------------------------------------------------------
@@ -251,13 +347,11 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     """The base model with the run's adapter, its tokenizer and task facts."""
-    from peft import PeftModel
-
     from .tasks.common import Splits
 
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    if not ((adapter / "adapter_config.json").is_file() or (adapter / "slimtune_adapter.json").is_file()):
         raise FileNotFoundError(f"{run_dir}: no adapter/adapter_config.json; is this a finished run folder? (a run that was "
                                 f"interrupted can be finished with `slimtune run --resume {run_dir}`)")
     cfg = load_config(run_dir / "config.yaml")
@@ -271,7 +365,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     base, _ = task.load_model(cfg, source, splits)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(base, str(adapter))
+    model = load_adapter(base, adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return LoadedRun(cfg, meta, model, tokenizer, task)
@@ -310,3 +404,33 @@ def predict(run_dir: str | Path, inputs: list[str], **kwargs) -> list[dict]:
     lr = load_run(run_dir)
     kwargs.setdefault("max_length", lr.cfg.model.max_length)
     return lr.task.predict(lr.model, lr.tokenizer, list(inputs), lr.meta, **kwargs)
+
+
+def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the base model with the run's adapter folded into its weights (a plain transformers model)."""
+    from .methods import merge as merge_adapter
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
+    lr = load_run(run_dir, device="cpu")
+    merged = merge_adapter(lr.model, Path(run_dir) / "adapter")
+    with atomic.folder(out_dir) as tmp:
+        merged.save_pretrained(str(tmp))
+        lr.tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def sweep(config, overrides: list[str] | None = None, **kwargs):
+    """Hyperparameter search with pruning over the config's `sweep:` section; each trial is a `run()`
+    (slimtune.sweep.study.sweep: workers, storage, trials, timeout_minutes, name)."""
+    from .sweep.study import sweep as run_sweep
+
+    return run_sweep(config, overrides, **kwargs)
+
+
+def lr_find(config, overrides: list[str] | None = None, **kwargs):
+    """The LR range test for a config: suggested lr, loss-vs-lr plot (slimtune.sweep.lrfind.lr_find)."""
+    from .sweep.lrfind import lr_find as range_test
+
+    return range_test(config, overrides, **kwargs)

@@ -100,6 +100,40 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 
 
 @app.command()
+def merge(run_dir: Path = typer.Argument(..., help="a finished run folder"),
+          out_dir: Path = typer.Argument(..., help="new folder for the merged model")):
+    """Fold the adapter into the base weights and save a plain transformers model."""
+    from . import api
+    from .methods import MethodError
+
+    try:
+        path = api.merge(run_dir, out_dir)
+    except (*_user_errors(), MethodError, FileExistsError) as e:
+        _fail(e)
+    out.print(f"merged model written to {path}")
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="Hub id, local folder or .gguf file"),
+            task: str = typer.Option("auto", help="text-classification, causal-lm or auto (from the architecture)"),
+            batch_size: int = typer.Option(8, help="batch size for the memory estimate"),
+            seq_len: int = typer.Option(128, help="sequence length for the memory estimate"),
+            num_labels: int = typer.Option(2, help="classes, for text-classification"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """What can be adapted in MODEL, and what each method would cost."""
+    from . import inspect as insp
+
+    try:
+        report = insp.inspect_model(model, task=task, batch_size=batch_size, seq_len=seq_len, num_labels=num_labels)
+    except _user_errors() as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    insp.print_report(report, out)
+
+
+@app.command()
 def validate(config: Path = typer.Argument(...), overrides: Optional[List[str]] = typer.Argument(None)):
     """Check a config and its data without training."""
     from .config import load_config
@@ -122,6 +156,17 @@ def schema():
     from .config import RunConfig
 
     print(json.dumps(RunConfig.model_json_schema(), indent=2))
+
+
+from .cli_sweep import lr_find_cmd, sweep_cmd  # noqa: E402  (tuning strategy: sweep/)
+
+app.command("sweep")(sweep_cmd)
+app.command("lr-find")(lr_find_cmd)
+
+from .cli_runs import report_cmd, runs_app  # noqa: E402  (iterate: run index and reports, track/ + report/)
+
+app.add_typer(runs_app, name="runs")
+app.command("report")(report_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

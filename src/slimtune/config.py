@@ -17,6 +17,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .methods import MethodConfig
 from .methods.lora import LoraConfig
 from .schema import StrictModel
+from .sweep.space import SweepConfig
+from .track.config import TrackConfig
 
 TASKS = ("text-classification", "causal-lm")
 
@@ -69,6 +71,23 @@ class EarlyStoppingConfig(StrictModel):
     min_delta: float = Field(0.0, ge=0.0, description="smallest change of the monitored metric that counts as improvement")
 
 
+class UnfreezeConfig(StrictModel):
+    every_steps: int | None = Field(None, ge=1, description="unfreeze one more group every N optimizer steps")
+    every_epochs: float | None = Field(None, gt=0, description="... or every this many epochs")
+    start: int = Field(1, ge=1, description="groups trainable at the start, from the top (1 = the head)")
+
+    @model_validator(mode="after")
+    def _one_interval(self):
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("give exactly one of every_steps and every_epochs")
+        return self
+
+
+class StagedConfig(StrictModel):
+    head_fraction: float = Field(0.1, gt=0, lt=1, description="share of the steps for stage 1 (head only)")
+    head_lr_mult: float = Field(1.0, gt=0, description="stage-1 learning rate as a multiple of train.lr")
+
+
 class TrainConfig(StrictModel):
     epochs: float = Field(3.0, gt=0, description="number of passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="number of optimizer steps; overrides epochs")
@@ -86,6 +105,42 @@ class TrainConfig(StrictModel):
     group_by_length: bool = Field(True, description="batch examples of similar length together (less padding)")
     log_every: int = Field(10, ge=1, description="log training loss / lr / throughput every N optimizer steps")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    # transfer-learning techniques (train/groups.py, train/transfer.py)
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay (BEiT / ELECTRA): the head gets lr, the top block lr*d, "
+        "each group below d times the one above, down to the embeddings")
+    lr_ratio_min: float | None = Field(
+        None, gt=0, le=1, description="discriminative learning rates (fastai slice(lo, hi)): a geometric spread from "
+        "lr*lr_ratio_min (embeddings) to lr (head) over the parameter groups")
+    head_lr: float | None = Field(None, gt=0, description="the head's own learning rate (default: train.lr)")
+    unfreeze: UnfreezeConfig | None = Field(None, description="gradual unfreezing (ULMFiT); off when null")
+    strategy: Literal["standard", "staged"] = Field(
+        "standard", description="'staged': the head alone first (train.staged), then everything the method trains, "
+        "each stage with its own warmup and decay (fastai fine_tune)")
+    staged: StagedConfig = Field(default_factory=lambda: StagedConfig())
+    seq_len_schedule: list[tuple[float, int]] | None = Field(
+        None, description="sequence-length warm-up: [[fraction of training, max tokens], ...] starting at 0.0, "
+        "e.g. [[0.0, 32], [0.5, 64]]; sequences are cut to the current length (the final length is model.max_length)")
+
+    @field_validator("seq_len_schedule")
+    @classmethod
+    def _check_seq_sched(cls, v):
+        if v is None:
+            return v
+        if not v or v[0][0] != 0.0:
+            raise ValueError("must start with an entry at fraction 0.0, e.g. [[0.0, 32], [0.5, 64]]")
+        fr = [a for a, _ in v]
+        if any(not 0 <= a < 1 for a in fr) or fr != sorted(fr) or len(set(fr)) != len(fr):
+            raise ValueError(f"fractions {fr} must be increasing and in [0, 1)")
+        if any(b < 8 for _, b in v):
+            raise ValueError("lengths must be at least 8 tokens")
+        return v
+
+    @model_validator(mode="after")
+    def _one_freezing_schedule(self):
+        if self.unfreeze is not None and self.strategy == "staged":
+            raise ValueError("train.unfreeze and train.strategy=staged both decide what is trainable; use one of them")
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -111,6 +166,16 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig, description="run index, energy / CO2, MLflow / TensorBoard")
+    sweep: SweepConfig | None = Field(None, description="hyperparameter search space and budget for `slimtune sweep` "
+                                      "(ignored by `slimtune run`)")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method_name(cls, v):
+        if isinstance(v, dict) and "name" not in v:
+            return {"name": "lora", **v}  # `method: {r: 16}` means LoRA
+        return v
 
     @model_validator(mode="after")
     def _check_metrics(self):
@@ -176,6 +241,10 @@ def _format_error(err: ValidationError, source: str) -> str:
             parent = _section_model(e["loc"][:-1])
             accepted = ", ".join(parent.model_fields) if parent else "see `slimtune schema`"
             lines.append(f"  {loc}: unknown key (value {e['input']!r}); accepted keys here: {accepted}")
+        elif e["type"] == "union_tag_invalid":
+            from .methods import REGISTRY
+
+            lines.append(f"  {loc}.name: {e['ctx']['tag']!r} is not a method; accepted: {', '.join(repr(n) for n in REGISTRY)}")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
@@ -204,7 +273,11 @@ def _section_model(loc) -> type | None:
     parts = [p for p in loc if isinstance(p, str)]
     if parts and parts[0] == "method":
         name = parts[1] if len(parts) > 1 and parts[1] in REGISTRY else "lora"
-        return REGISTRY[name][0]
+        return REGISTRY[name].config
+    if parts and parts[0] == "sweep":  # sweep, or one parameter of its space (sweep.params.<dotted key>)
+        from .sweep.space import ParamSpec, SweepConfig
+
+        return ParamSpec if len(parts) == 3 and parts[1] == "params" else SweepConfig if len(parts) == 1 else None
     model: Any = RunConfig
     for part in parts:
         field = model.model_fields.get(part)
@@ -218,9 +291,14 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (task, model, data, ...), got {type(data).__name__}")
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+    if cfg.sweep is not None:  # every swept key and value against the schema, before any compute
+        from .sweep.space import check_space
+
+        check_space(cfg, source)
+    return cfg
 
 
 def load_config(path: str | Path | dict | RunConfig, overrides: list[str] | None = None) -> RunConfig:

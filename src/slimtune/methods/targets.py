@@ -43,22 +43,39 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> str | list[str]:
-    if isinstance(targets, list):
-        return targets
-    blocks_name, blocks = find_blocks(model)
+def block_linear_names(model: nn.Module, exclude=()) -> list[str]:
+    """Names (relative to one block) of the linear layers inside the blocks."""
+    _, blocks = find_blocks(model)
     linear = _linear_types()
-    leaves: set[str] = set()
+    names: set[str] = set()
     for block in blocks:
         for name, mod in block.named_modules():
-            if isinstance(mod, linear) and name:
-                leaf = name.split(".")[-1]
-                if leaf in exclude:
-                    continue
-                if targets == "attention" and leaf not in ATTENTION_LEAVES:
-                    continue
-                leaves.add(name)
-    if not leaves:
-        raise ValueError(f"no linear layers found inside {blocks_name} for method.targets={targets!r}")
-    alt = "|".join(sorted(re.escape(x) for x in leaves))
+            if isinstance(mod, linear) and name and name.split(".")[-1] not in exclude:
+                names.add(name)
+    return sorted(names)
+
+
+def block_linear_shapes(model: nn.Module, exclude=()) -> list[tuple[int, int]]:
+    _, blocks = find_blocks(model)
+    linear = _linear_types()
+    return sorted({tuple(m.weight.shape) for b in blocks for n, m in b.named_modules()
+                   if isinstance(m, linear) and n and n.split(".")[-1] not in exclude})
+
+
+def block_regex(model: nn.Module, names) -> str:
+    """A regex peft matches against full module names: these block-relative names, in every block."""
+    blocks_name, _ = find_blocks(model)
+    alt = "|".join(sorted(re.escape(x) for x in names))
     return rf"(?:.*\.)?{re.escape(blocks_name)}\.\d+\.(?:{alt})"
+
+
+def find_targets(model: nn.Module, targets, exclude=()) -> str | list[str]:
+    if isinstance(targets, list):
+        return targets
+    names = block_linear_names(model, exclude)
+    if targets == "attention":
+        names = [n for n in names if n.split(".")[-1] in ATTENTION_LEAVES]
+    if not names:
+        blocks_name, _ = find_blocks(model)
+        raise ValueError(f"no linear layers found inside {blocks_name} for method.targets={targets!r}")
+    return block_regex(model, names)

@@ -97,12 +97,12 @@ def check_eval_data(cfg, splits: Splits) -> None:
         _check_messages(splits.test, cfg.data.messages_column, src)
 
 
-def load_model(cfg, source, splits):
+def load_model(cfg, source, splits, **load_kwargs):
     from transformers import AutoModelForCausalLM
 
     from ..models import load_pretrained
 
-    model, _ = load_pretrained(AutoModelForCausalLM, source, cfg.model.trust_remote_code, cfg.model.revision)
+    model, _ = load_pretrained(AutoModelForCausalLM, source, cfg.model.trust_remote_code, cfg.model.revision, **load_kwargs)
     return model, []
 
 
@@ -191,6 +191,7 @@ def count(batch) -> tuple[int, int]:
 def eval_step(model, batch) -> dict:
     labels = batch["labels"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, logits.shape[1] - labels.shape[1]:]  # prompt-learning methods prepend virtual tokens
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     tok_loss = torch.nn.functional.cross_entropy(

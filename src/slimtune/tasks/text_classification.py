@@ -60,7 +60,7 @@ def check_eval_data(cfg, splits: Splits) -> None:
     check_unseen_labels(splits.meta["labels"], _labels(splits.test, cfg.data.label_column), src, cfg.data.label_column)
 
 
-def load_model(cfg, source, splits):
+def load_model(cfg, source, splits, **load_kwargs):
     from transformers import AutoModelForSequenceClassification
 
     from ..models import load_pretrained
@@ -69,6 +69,7 @@ def load_model(cfg, source, splits):
     model, new_modules = load_pretrained(
         AutoModelForSequenceClassification, source, cfg.model.trust_remote_code, cfg.model.revision,
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        **load_kwargs,
     )
     # the head is whatever from_pretrained had to initialise (classifier / score), trained in full
     head = sorted({m.split(".")[0] for m in new_modules}) or [n for n in ("classifier", "score") if hasattr(model, n)]
@@ -131,6 +132,15 @@ def compute_metrics(parts: dict, wanted, num_labels: int) -> dict:
         "loss": lambda: float(parts["loss"].float().mean()),
     }
     return {m: all_metrics[m]() for m in wanted}
+
+
+def confusion_matrix(parts: dict, num_labels: int) -> list[list[int]]:
+    """counts[true][predicted] over the evaluated examples (for the run report)."""
+    pred, gold = parts["pred"].long().cpu().numpy(), parts["gold"].long().cpu().numpy()
+    ok = (gold >= 0) & (gold < num_labels) & (pred >= 0) & (pred < num_labels)
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(counts, (gold[ok], pred[ok]), 1)
+    return counts.tolist()
 
 
 @torch.inference_mode()

@@ -42,6 +42,7 @@ class RunDir:
     def __init__(self, path: Path | str, main: bool = True):
         self.path = Path(path)
         self.main = main
+        self.sinks: list = []  # callables that also get every logged record (MLflow, TensorBoard)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -64,6 +65,8 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink(record)
 
     def truncate_metrics(self, last_step: int) -> None:
         """On resume: drop the records logged after the checkpoint we resume from."""

@@ -1,7 +1,7 @@
 """Callbacks: features hook into the loop through a small closed set of events.
 
-Events: on_train_begin(loop), on_step_end(loop), on_eval_end(loop, metrics),
-on_train_end(loop). Stopping is an exception (`StopTraining`), not a flag.
+Events: on_train_begin(loop), on_optimizer_step(loop) (after the step, before the
+gradients are cleared), on_step_end(loop), on_eval_end(loop, metrics), on_train_end(loop). Stopping is an exception (`StopTraining`), not a flag.
 """
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ from __future__ import annotations
 class StopTraining(Exception):
     """Raised by a callback to end training cleanly (the best checkpoint is kept)."""
 
+    status = "completed"  # the run's summary status when this ends it
+
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class PruneTraining(StopTraining):
+    """Raised by a sweep's pruning callback: the run ends cleanly with status 'pruned' (no test evaluation)."""
+
+    status = "pruned"
 
 
 class EarlyStopping:

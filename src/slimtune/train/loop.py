@@ -25,7 +25,7 @@ def _to(batch: dict, device) -> dict:
 class Loop:
     def __init__(self, *, accelerator, model, optimizer, train_loader, sampler, eval_batches, eval_examples,
                  collate, task, cfg, run, callbacks, total_steps, steps_per_epoch, eval_every, warmup, progress=None,
-                 num_labels=None):
+                 num_labels=None, lr_fn=None):
         self.acc = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -44,6 +44,9 @@ class Loop:
         self.warmup = warmup
         self.progress = progress
         self.num_labels = num_labels
+        # lr multiplier as a function of the step; staged fine-tuning brings its own
+        self.lr_fn = lr_fn or (lambda step: lr_factor(step, self.total_steps, self.warmup, self.cfg.train.schedule))
+        self.log_extras: dict = {}  # callbacks add what they change (trainable groups, sequence length)
         self.monitor = cfg.monitor
         self.higher = cfg.higher_is_better
         self.wanted = cfg.eval.metrics or task.DEFAULT_METRICS
@@ -56,6 +59,7 @@ class Loop:
         }
         self._rng = checkpoint.rng_state()
         self.last_metrics: dict = {}
+        self.stop_status = "completed"  # or the status of the StopTraining that ended fit()
 
     # -- the loop ---------------------------------------------------------
     def fit(self) -> dict:
@@ -106,6 +110,7 @@ class Loop:
                     st["micro_in_epoch"] = 0
         except StopTraining as stop:
             st["stopped"] = stop.reason
+            self.stop_status = stop.status
             self.acc.print(stop.reason)
         if st["last_eval_step"] != st["step"]:
             self.evaluate_and_checkpoint()
@@ -116,10 +121,11 @@ class Loop:
         cfg = self.cfg.train
         if cfg.max_grad_norm:
             self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        factor = lr_factor(self.state["step"], self.total_steps, self.warmup, cfg.schedule)
+        factor = self.lr_fn(self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         self.optimizer.step()
+        fire(self.callbacks, "on_optimizer_step", self)  # gradients still present (AdaLoRA)
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- logging ------------------------------------------------------------
@@ -134,7 +140,7 @@ class Loop:
         rec = {
             "type": "train", "step": st["step"], "epoch": round(st["step"] / self.steps_per_epoch, 4), "loss": loss,
             "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)},
-            "samples_per_s": st["samples"] / secs, "tokens_per_s": st["tokens"] / secs,
+            "samples_per_s": st["samples"] / secs, "tokens_per_s": st["tokens"] / secs, **self.log_extras,
         }
         self.run.log(rec)
         if self.progress is not None:
@@ -155,6 +161,7 @@ class Loop:
         if self.acc.num_processes > 1:
             gathered = [g for g in gather_object([local]) if g]
             local = {k: torch.cat([g[k] for g in gathered]) for k in gathered[0]}
+        self.last_parts = local  # per-example outputs of this evaluation (the confusion matrix is made from them)
         return self.task.compute_metrics(local, self.wanted, self.num_labels)
 
     def _improved(self, value: float) -> bool:

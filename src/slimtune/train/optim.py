@@ -1,23 +1,38 @@
-"""AdamW over the trainable parameters, with decay off for biases and norms."""
+"""AdamW over the trainable parameters, in named groups.
+
+Decay is off for biases and norms. `lr_scale(name) -> (group, multiplier) | None`
+puts a parameter into a group with its own learning rate (LoRA+'s B matrices;
+layer-wise rates). Each group keeps `base_lr`, the peak the schedule multiplies.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 
-def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
+                 lr_scale: Callable[[str], tuple[str, float] | None] | None = None) -> list[dict]:
+    groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "no_decay"})
-    return [g for g in groups if g["params"]]
+        decay = not (p.ndim < 2 or "norm" in name.lower())
+        scaled = lr_scale(name) if lr_scale else None
+        gname, mult = scaled if scaled else ("default", 1.0)
+        key = (gname, decay)
+        if key not in groups:
+            label = gname if gname != "default" else ("decay" if decay else "no_decay")
+            if gname != "default" and not decay:
+                label = f"{gname}/no_decay"
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
+                           "base_lr": lr * mult, "name": label}
+        groups[key]["params"].append(p)
+    return list(groups.values())
 
 
-def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, lr, weight_decay)
+def build_optimizer(model, lr: float, weight_decay: float, lr_scale=None) -> torch.optim.Optimizer:
+    groups = param_groups(model, lr, weight_decay, lr_scale)
     if not groups:
         raise ValueError("the model has no trainable parameters; check method.targets")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)

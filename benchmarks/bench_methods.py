@@ -1,0 +1,92 @@
+"""Every PEFT method at its defaults on all-MiniLM-L6-v2 + SST-2: which method should I use?
+
+Same data (a fixed train subset), steps, batch size, lr schedule and seed for every
+method; each method runs in its own process so peak memory is its own. Prints a
+markdown table: test accuracy, trainable share, wall time, samples/s, peak RSS,
+adapter size on disk.
+
+    python benchmarks/bench_methods.py [--train 2000] [--epochs 1] [--methods lora,ia3,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+# a typical lr for each family at its defaults (the adapter families want larger steps than full fine-tuning)
+LR = {"full": 5e-5, "last-n-layers": 1e-4, "ia3": 3e-3, "vera": 3e-3, "prompt-tuning": 3e-3, "p-tuning": 3e-3,
+      "head-only": 3e-3, "bitfit": 1e-3}
+
+
+def one(method: str, args) -> dict:
+    import slimtune
+
+    cfg = {
+        "task": "text-classification",
+        "model": {"name": "sentence-transformers/all-MiniLM-L6-v2", "max_length": 64},
+        "data": {"train": str(SST2 / "train.tsv"), "eval": str(SST2 / "dev.tsv"), "test": str(SST2 / "test.tsv"),
+                 "text_column": "sentence", "max_train_samples": args.train, "max_eval_samples": 500},
+        "method": {"name": method},
+        "train": {"epochs": args.epochs, "batch_size": 32, "lr": LR.get(method, 1e-3), "seed": 0},
+        "eval": {"every_epochs": 1.0},
+        "output": {"dir": args.out, "name": method},
+    }
+    res = slimtune.run(cfg)
+    adapter = res.run_dir / "adapter"
+    size = sum(f.stat().st_size for f in adapter.iterdir() if f.suffix == ".safetensors")
+    s = res.summary
+    return {"method": method, "test_accuracy": res.test_metrics["accuracy"], "share": s["trainable_share"],
+            "trainable": s["trainable_params"], "wall_s": s["wall_seconds"], "train_s": s["train_seconds"],
+            "samples_per_s": s["samples_per_s"], "peak_rss_mb": s["host_peak_rss_mb"], "adapter_mb": size / 2**20,
+            "lr": cfg["train"]["lr"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--methods", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None)
+    args = ap.parse_args()
+    if not SST2.is_dir():
+        print(f"skipped: {SST2} not found (the shared datasets folder is not part of the repository)")
+        return
+    if args.child:
+        print("RESULT " + json.dumps(one(args.child, args)))
+        return
+    from slimtune.methods import REGISTRY
+
+    methods = args.methods.split(",") if args.methods else [m for m in REGISTRY if m not in ("qlora", "prefix-tuning")]
+    out = args.out or tempfile.mkdtemp(prefix="bench-methods-")
+    rows = []
+    for m in methods:
+        cmd = [sys.executable, __file__, "--child", m, "--train", str(args.train), "--epochs", str(args.epochs), "--out", out]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{m}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            rows.append({"method": m, "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"})
+            continue
+        rows.append(json.loads(line[7:]))
+        print(f"{m}: {rows[-1]}", file=sys.stderr, flush=True)
+    print(f"\nall-MiniLM-L6-v2, SST-2: {args.train} train examples, {args.epochs} epoch(s), batch 32, max_length 64, "
+          f"linear schedule, seed 0, bf16 autocast where available; test = SST-2 dev (872)\n")
+    print("| method | test acc | trainable | share | lr | train s | samples/s | peak RSS MB | adapter MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r.get("test_accuracy", -1)):
+        if "error" in r:
+            print(f"| {r['method']} | failed: {r['error'][:60]} | | | | | | | |")
+            continue
+        print(f"| {r['method']} | {r['test_accuracy']:.4f} | {r['trainable']:,} | {r['share']:.3%} | {r['lr']:g} | "
+              f"{r['train_s']:.1f} | {r['samples_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['adapter_mb']:.2f} |")
+    Path(out, "bench_methods.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

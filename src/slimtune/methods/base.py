@@ -1,0 +1,55 @@
+"""What every method module provides, and the context a method is applied in.
+
+A method family is one module: its config classes (each with a `name` Literal,
+validated as part of the run config) and a `Method` record per name saying how
+to apply it, whether peft or slimtune saves it, whether it merges, and its
+optional hooks (parameter groups for LoRA+, a per-step hook for AdaLoRA, model
+loading options for QLoRA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal
+
+from pydantic import Field
+
+from ..schema import StrictModel
+
+
+class MethodError(ValueError):
+    """A method that cannot be applied here (hardware, task or model); the message says why and what to use."""
+
+
+@dataclass
+class MethodContext:
+    task: str  # text-classification | causal-lm
+    task_type: str  # peft's TaskType name: SEQ_CLS | CAUSAL_LM
+    head_modules: list[str] = field(default_factory=list)  # the task head, trained in full
+    total_steps: int | None = None
+    sample_batches: Callable[[], Iterable[dict]] | None = None  # data-driven initialisations (EVA)
+
+
+@dataclass
+class Method:
+    name: str
+    config: type
+    apply: Callable[[Any, Any, MethodContext], Any]
+    saved_by: Literal["peft", "slimtune"] = "peft"
+    mergeable: bool = True
+    summary: str = ""
+    lr_scale: Callable[[str, Any], tuple[str, float] | None] | None = None  # (param name, cfg) -> (group, lr multiplier)
+    on_optimizer_step: Callable[[Any, int], None] | None = None  # (unwrapped model, step), before zero_grad
+    load_kwargs: Callable[[Any], dict] | None = None  # extra from_pretrained kwargs (quantization)
+    check_environment: Callable[[Any], None] | None = None
+    before_save: Callable[[Any, Any], dict] | None = None  # -> extra save_pretrained kwargs
+
+
+Targets = Literal["auto", "all-linear", "attention"] | list[str]
+
+
+class TargetedConfig(StrictModel):
+    targets: Targets = Field(
+        "auto",
+        description="'auto' / 'all-linear': the linear layers inside the transformer blocks (never the task head); "
+        "'attention': only the attention projections; or a list of module-name suffixes as peft takes them",
+    )

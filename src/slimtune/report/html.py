@@ -1,0 +1,289 @@
+"""The report pages: one self-contained HTML file each (inline CSS, plots as data: URIs, no
+scripts, no network), for one run or for a comparison of runs."""
+from __future__ import annotations
+
+import html
+import math
+from datetime import datetime
+
+import yaml
+
+from ..track.runinfo import RunInfo, flat
+from . import plots
+
+CSS = """
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f7f9}
+header{background:#1f2937;color:#fff;padding:16px 28px}
+header h1{margin:0;font-size:21px;font-weight:600;word-break:break-all}
+header .sub{opacity:.8;font-size:13px;margin-top:6px}
+main{max-width:1280px;margin:0 auto;padding:8px 28px 28px}
+section{background:#fff;border:1px solid #e3e6ea;border-radius:8px;padding:14px 18px;margin:16px 0}
+h2{font-size:16px;margin:2px 0 12px}
+table{border-collapse:collapse;font-size:13px;margin:4px 0}
+th,td{padding:4px 10px;border-bottom:1px solid #eef0f2;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.scroll{overflow-x:auto}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px;align-items:start}
+figure{margin:0}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}
+figcaption{font-size:12px;color:#57606a;margin-top:4px}
+pre{background:#f6f8fa;padding:10px 12px;overflow:auto;font-size:12px;border-radius:6px;margin:0}
+.note{font-size:12px;color:#57606a}
+.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}.mid{color:#9a6700;font-weight:600}
+.front{background:#fff8e6}
+footer{font-size:12px;color:#57606a;text-align:center;padding:12px}
+"""
+STATUS_CLASS = {"completed": "ok", "failed": "bad", "dead": "bad", "missing": "bad", "damaged": "bad"}
+
+
+def esc(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}{unit}"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == 0:
+            return f"0{unit}"
+        a = abs(v)
+        if a >= 1e6 or a < 1e-3:
+            return f"{v:.3e}{unit}"
+        return f"{v:,.4g}{unit}" if a < 1000 else f"{v:,.0f}{unit}"
+    return f"{v}{unit}"
+
+
+def duration(s) -> str:
+    if not isinstance(s, (int, float)):
+        return "-"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def status_html(status: str | None) -> str:
+    return f'<span class="{STATUS_CLASS.get(status, "mid")}">{esc(status)}</span>'
+
+
+def table(headers: list[str], rows: list[list], numeric: set[int] | None = None, row_class: list[str] | None = None) -> str:
+    """Cells are escaped unless given as ('html', markup)."""
+    numeric = numeric or set()
+    out = ['<div class="scroll"><table><thead><tr>', *(f"<th>{esc(h)}</th>" for h in headers), "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
+        out.append(f"<tr{cls}>")
+        for j, cell in enumerate(row):
+            content = cell[1] if isinstance(cell, tuple) and cell and cell[0] == "html" else esc(cell)
+            out.append(f'<td class="num">{content}</td>' if j in numeric else f"<td>{content}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def kv_table(pairs: list[tuple[str, object]]) -> str:
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{v[1] if isinstance(v, tuple) and v and v[0] == 'html' else esc(v)}</td></tr>"
+                   for k, v in pairs)
+    return f'<div class="scroll"><table><tbody>{rows}</tbody></table></div>'
+
+
+def figure(uri: str | None, caption: str, alt: str) -> str:
+    if not uri:
+        return ""
+    return f'<figure><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def section(title: str, body: str, anchor: str | None = None) -> str:
+    if not body:
+        return ""
+    a = f' id="{anchor}"' if anchor else ""
+    return f"<section{a}><h2>{esc(title)}</h2>{body}</section>"
+
+
+def page(title: str, subtitle: str, body: str) -> str:
+    stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{esc(title)}</h1><div class=\"sub\">{subtitle}</div></header>"
+            f"<main>{body}</main><footer>slimtune report, written {esc(stamp)}</footer></body></html>\n")
+
+
+# -- pieces about cost ---------------------------------------------------------
+
+def cost_rows(cost: dict, summary: dict) -> list[tuple[str, object]]:
+    e = cost.get("energy") or {}
+    rows = [
+        ("wall time", duration(cost.get("wall_seconds") or summary.get("wall_seconds"))),
+        ("training time (loop)", duration(cost.get("train_seconds") or summary.get("train_seconds"))),
+        ("CPU time (main process)", duration(cost.get("cpu_seconds"))),
+        ("GPU time (wall x GPUs)", duration(cost.get("gpu_seconds")) if cost.get("gpu_seconds") else "-"),
+        ("peak host memory", fmt(cost.get("host_peak_rss_mb") or summary.get("host_peak_rss_mb"), " MB")),
+        ("peak device memory", fmt(cost.get("device_peak_mb") or summary.get("device_peak_mb"), " MB")),
+        ("samples seen", fmt(cost.get("samples_seen") or summary.get("samples_seen"))),
+        ("tokens seen", fmt(cost.get("tokens_seen") or summary.get("tokens_seen"))),
+        ("training FLOPs (estimate)", f"{fmt(cost.get('flops'))}  = {cost.get('flops_formula', '')}" if cost.get("flops") else "-"),
+    ]
+    if e.get("energy_kwh") is not None:
+        rows += [
+            ("energy", f"{fmt(e['energy_kwh'])} kWh ({fmt(e['energy_kwh'] * 1000)} Wh)"),
+            ("CO2", f"{fmt(e['co2_kg'])} kg CO2e ({fmt(e['co2_kg'] * 1000)} g)"),
+            ("measured with", f"{e.get('method')} (RAM: {((e.get('methods') or {}).get('ram')) or '-'}; {e.get('tool')}, "
+                              f"{e.get('tracking_mode')} mode)"),
+            ("grid carbon intensity", f"{fmt(e.get('carbon_intensity_g_per_kwh'))} g CO2e/kWh ({e.get('carbon_intensity_source')})"),
+        ]
+        if cost.get("sessions", 1) > 1:
+            rows.append(("sessions", f"{cost['sessions']} (resumed; time and energy are summed)"))
+    elif e.get("error"):
+        rows.append(("energy", f"not measured: {e['error']}"))
+    else:
+        rows.append(("energy", "not measured (track.energy: false, or a run written before energy tracking)"))
+    return rows
+
+
+# -- one run -------------------------------------------------------------------
+
+def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = None) -> str:
+    s, c, recs = info.summary, info.config, info.metrics
+    method = c.get("method") or {}
+    method_desc = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name" and not isinstance(v, (dict, list)))[:200]
+    overview = kv_table([
+        ("status", ("html", status_html(info.status))),
+        ("task", c.get("task")), ("model", (c.get("model") or {}).get("name")),
+        ("method", f"{method.get('name', 'lora')} ({method_desc})" if method_desc else method.get("name", "lora")),
+        ("steps", f"{fmt(s.get('steps') or s.get('step'))} of {fmt(s.get('total_steps'))}"),
+        ("best checkpoint", f"step {s.get('best_step')} by {s.get('monitor')}" if s.get("best_step") is not None else "-"),
+        ("stopped early", s.get("stopped_early") or "no"),
+        ("precision / processes", f"{s.get('precision', '-')} / {s.get('num_processes', '-')}"),
+        ("started / ended", f"{s.get('started_at', '-')} / {s.get('ended_at', '-')}"),
+        ("config hash", (s.get("config_hash") or "-")[:16]),
+        ("run folder", str(info.path)),
+    ])
+    names = []
+    for part in ("best", "final", "test"):
+        for k in (s.get(part) or {}):
+            if k not in names:
+                names.append(k)
+    metric_rows = [[n, *(fmt((s.get(p) or {}).get(n)) for p in ("best", "final", "test"))] for n in names]
+    metrics = table(["metric", "best eval", "final eval", "test (best checkpoint)"], metric_rows, {1, 2, 3}) if names else \
+        '<p class="note">no evaluation yet</p>'
+
+    curves = "".join([
+        figure(plots.loss_curves(recs, fmt_img), "training loss (logged every train.log_every steps) and eval loss", "loss curves"),
+        figure(plots.metric_curves(recs, fmt_img), "eval metrics per evaluation; the star marks the best checkpoint, the dashed line the test score", "metric curves"),
+        figure(plots.lr_schedule(recs, fmt_img), "learning rate of each optimizer parameter group", "learning-rate schedule"),
+    ])
+    cm = ""
+    if info.confusion:
+        labels = info.confusion.get("labels")
+        for split, what in (("eval", "eval set, best checkpoint"), ("test", "test set, best checkpoint")):
+            block = info.confusion.get(split)
+            if block and block.get("matrix"):
+                cm += figure(plots.confusion(labels, block["matrix"], f"{split} (step {block.get('step')})", fmt_img),
+                             f"confusion matrix, {what}; rows: true label, columns: predicted; colour: share of the row",
+                             f"{split} confusion matrix")
+    cost = info.cost
+    params = figure(plots.param_share(s.get("trainable_params"), s.get("total_params"), fmt_img),
+                    "parameters the method trains (adapters and head) vs frozen base weights", "trainable-parameter share")
+    energy_fig = figure(plots.energy_split(cost.get("energy") or {}, fmt_img), "energy by component as codecarbon estimated it", "energy split")
+    warnings = (data_report or {}).get("warnings") or []
+    data = "".join(f"<li>{esc(w)}</li>" for w in warnings)
+    body = "".join([
+        section("Overview", overview),
+        section("Metrics", metrics),
+        section("Curves", f'<div class="grid">{curves}</div>' if curves else '<p class="note">no metrics logged yet</p>'),
+        section("Confusion matrix", f'<div class="grid">{cm}</div>' if cm else ""),
+        section("Trainable parameters", params),
+        section("Cost and energy", f'<div class="grid"><div>{kv_table(cost_rows(cost, s))}</div>{energy_fig}</div>'),
+        section("Data warnings", f"<ul>{data}</ul>" if data else ""),
+        section("Config", f"<pre>{esc(yaml.safe_dump(c, sort_keys=False))}</pre>"),
+    ])
+    sub = f"{esc(c.get('task'))} &middot; {esc((c.get('model') or {}).get('name'))} &middot; {esc(method.get('name', 'lora'))} &middot; {status_html(info.status)}"
+    return page(f"Run {info.name}", sub, body)
+
+
+# -- several runs ----------------------------------------------------------------
+
+def _x1000(v):
+    return v * 1000 if isinstance(v, (int, float)) else None
+
+
+def differing_keys(configs: list[dict]) -> list[str]:
+    flats = [flat({k: v for k, v in c.items() if k not in ("output",)}) for c in configs]
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def quality_of(infos: list[RunInfo]) -> tuple[str | None, str, bool]:
+    """(metric, part, higher_is_better): the first run's monitor, on test when every run has it."""
+    monitor = next((i.monitor for i in infos if i.monitor), None)
+    if monitor is None:
+        return None, "best", True
+    have_test = [i for i in infos if isinstance((i.summary.get("test") or {}).get(monitor), (int, float))]
+    part = "test" if have_test and len(have_test) == len([i for i in infos if i.summary.get("best")]) else "best"
+    mode = (infos[0].config.get("eval") or {}).get("mode", "auto")
+    higher = mode == "max" if mode != "auto" else monitor not in plots.LOWER_IS_BETTER
+    return monitor, part, higher
+
+
+def compare_page(infos: list[RunInfo], title: str, fmt_img: str = "svg", notes: list[str] | None = None) -> str:
+    monitor, part, higher = quality_of(infos)
+    diff = differing_keys([i.config for i in infos])
+    points = []
+    for i in infos:
+        q = (i.summary.get(part) or {}).get(monitor) if monitor else None
+        wh = i.cost.get("energy_kwh") * 1000 if isinstance(i.cost.get("energy_kwh"), (int, float)) else None
+        points.append({"name": i.name, "quality": q, "train_seconds": i.cost.get("train_seconds") or i.summary.get("train_seconds"),
+                       "energy_wh": wh})
+    front = set()
+    valid = [k for k, p in enumerate(points) if isinstance(p["quality"], (int, float)) and isinstance(p["train_seconds"], (int, float))]
+    if valid:
+        front = {valid[j] for j in plots.pareto_front([(points[k]["train_seconds"], points[k]["quality"]) for k in valid], higher)}
+    qlabel = f"{part} {monitor}" if monitor else "quality"
+    headers = ["run", "status", *diff[:8], qlabel, "train time", "energy (Wh)", "CO2 (g)", "trainable"]
+    rows = []
+    for k, i in enumerate(infos):
+        fl = flat(i.config)
+        rows.append([i.name, ("html", status_html(i.status)), *(fl.get(d) for d in diff[:8]), fmt(points[k]["quality"]),
+                     duration(points[k]["train_seconds"]), fmt(points[k]["energy_wh"]), fmt(_x1000(i.cost.get("co2_kg"))),
+                     fmt(i.summary.get("trainable_share") * 100, "%") if isinstance(i.summary.get("trainable_share"), float) else "-"])
+    n_diff = len(diff[:8])
+    table_html = table(headers, rows, set(range(2 + n_diff, 7 + n_diff)), ["front" if k in front else "" for k in range(len(infos))])
+    table_html += (f'<p class="note">highlighted: on the Pareto front of {qlabel} vs training time '
+                   f'({"higher" if higher else "lower"} is better). Columns between status and {qlabel}: the config keys that differ'
+                   f'{" (first 8; all below)" if len(diff) > 8 else ""}.</p>')
+    named = [(i.name, i.metrics) for i in infos]
+    curves = "".join([
+        figure(plots.overlay(named, "train", "loss", "Training loss", "loss", fmt_img), "training loss of each run", "training loss overlaid"),
+        figure(plots.overlay(named, "eval", f"eval_{monitor}", f"Eval {monitor}", monitor, fmt_img) if monitor and monitor != "loss" else None,
+               f"eval {monitor} of each run", "eval metric overlaid"),
+        figure(plots.overlay(named, "eval", "eval_loss", "Eval loss", "loss", fmt_img), "eval loss of each run", "eval loss overlaid"),
+    ])
+    pareto = figure(plots.pareto(points, qlabel, higher, fmt_img) if monitor else None,
+                    "quality vs cost; red points are on the Pareto front (no run is both cheaper and better)", "Pareto plot")
+    diff_rows = [[d, *(flat(i.config).get(d) for i in infos)] for d in diff]
+    diff_html = table(["config key", *[i.name for i in infos]], diff_rows) if diff_rows else '<p class="note">the configs are the same</p>'
+    cost_tab = table(["run", "wall", "train", "CPU time", "peak host MB", "samples", "tokens", "FLOPs", "energy (Wh)", "CO2 (g)", "measured with"],
+                     [[i.name, duration(i.cost.get("wall_seconds")), duration(i.cost.get("train_seconds") or i.summary.get("train_seconds")),
+                       duration(i.cost.get("cpu_seconds")), fmt(i.cost.get("host_peak_rss_mb")), fmt(i.cost.get("samples_seen")),
+                       fmt(i.cost.get("tokens_seen")), fmt(i.cost.get("flops")), fmt(_x1000(i.cost.get("energy_kwh"))),
+                       fmt(_x1000(i.cost.get("co2_kg"))),
+                       (i.cost.get("energy") or {}).get("method") or "-"] for i in infos], set(range(1, 10)))
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes or [])
+    body = "".join([
+        section("Runs", table_html + note_html),
+        section("Quality vs cost", pareto),
+        section("Curves", f'<div class="grid">{curves}</div>' if curves else ""),
+        section("Cost and energy", cost_tab),
+        section("Config differences", diff_html),
+    ])
+    return page(title, f"{len(infos)} runs &middot; quality: {esc(qlabel)}", body)

@@ -1,0 +1,30 @@
+"""Tuning strategy: hyperparameter search with pruning (`slimtune sweep`) and the LR range test
+(`slimtune lr-find`).
+
+    space.py    the `sweep:` section of the run config: parameter ranges / choices, budget, sampler,
+                pruner, storage; checked against the config schema; sampled values -> a trial's config
+    study.py    the sweep folder, the optuna study (RDB storage), local worker processes, the results
+                (trials table, best config, plots)
+    worker.py   one worker: takes trials from the shared study until the budget is spent; each trial is
+                a normal `slimtune.run()` with a pruning callback
+    plots.py    optimisation history, parameter importances, parallel coordinates, learning curves
+    lrfind.py   the LR range test: exponentially increasing lr, loss-vs-lr plot, suggested lr
+
+Nothing here is imported by a plain `slimtune run` except the config classes in space.py
+(pydantic only); optuna and matplotlib load when a sweep or lr-find starts.
+"""
+from __future__ import annotations
+
+
+def sweep(*args, **kwargs):
+    """See `slimtune.sweep.study.sweep`."""
+    from .study import sweep as _sweep
+
+    return _sweep(*args, **kwargs)
+
+
+def lr_find(*args, **kwargs):
+    """See `slimtune.sweep.lrfind.lr_find`."""
+    from .lrfind import lr_find as _lr_find
+
+    return _lr_find(*args, **kwargs)

@@ -1,0 +1,213 @@
+"""`slimtune sweep`: the sweep folder, the study, the workers, the results.
+
+    <output.dir>/<sweep name>/          (sweep name: sweep.name, default sweep-<config file stem>)
+      sweep.yaml        the resolved config with its sweep section, as last started
+      study.db          the optuna study (SQLite; absent when sweep.storage names a database)
+      trials/trial-0007 each trial's run folder (a normal run folder)
+      trials.csv        every trial: state, objective, params, evaluations, seconds, test metrics, run folder
+      best.yaml         the best trial's config; `slimtune run best.yaml` takes it as it is
+      summary.json      study, storage, direction, counts by state, best trial, wall time
+      history.png, importances.png, parallel.png, intermediate.png   (plots.txt says why one is missing)
+
+Re-running the same command resumes the study: finished trials stay, trials that were in flight
+when a worker or the sweep was killed are failed and their parameters queued again, and the
+budget (`sweep.trials`) counts finished trials across all runs and workers.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, RunConfig, dump_config, load_config
+from ..track import atomic
+from .worker import SweepError, make_storage, recover_dead_trials, run_worker
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    study_name: str
+    storage: str
+    direction: str
+    metric: str
+    best_value: float | None
+    best_params: dict
+    best_trial: int | None
+    best_config: Path | None
+    counts: dict
+    wall_seconds: float
+    trials: list[dict] = field(default_factory=list)
+    plots: dict = field(default_factory=dict)
+
+
+def _default_name(config) -> str:
+    if isinstance(config, (str, Path)):
+        return f"sweep-{Path(config).stem}"
+    return "sweep"
+
+
+def prepare(config, overrides=None, *, name=None, storage=None, trials=None, timeout_minutes=None) -> tuple[RunConfig, str]:
+    cfg = load_config(config, overrides)
+    if cfg.sweep is None:
+        src = str(config) if isinstance(config, (str, Path)) else "the config"
+        raise ConfigError(f"{src} has no `sweep:` section; add one with the search space, for example\n"
+                          "sweep:\n  params:\n    train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}\n    method.r: [4, 8, 16]\n"
+                          "  trials: 20")
+    sw = cfg.sweep
+    for key, value in (("name", name), ("storage", storage), ("trials", trials), ("timeout_minutes", timeout_minutes)):
+        if value is not None:
+            setattr(sw, key, value)
+    return cfg, sw.name or _default_name(config)
+
+
+def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name: str | None = None,
+          storage: str | None = None, trials: int | None = None, timeout_minutes: float | None = None,
+          plots: bool = True, log=print) -> SweepResult:
+    """Hyperparameter search over the config's `sweep:` section; returns the best trial and the sweep folder.
+
+    `workers`: local worker processes sharing the study (1: in this process). `storage`, `trials`,
+    `timeout_minutes`, `name` override the sweep section. Re-running resumes the study.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    cfg, sweep_name = prepare(config, overrides, name=name, storage=storage, trials=trials, timeout_minutes=timeout_minutes)
+    sw = cfg.sweep
+    sweep_dir = Path(cfg.output.dir) / sweep_name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    url = sw.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    study_name = sw.study_name or sweep_name
+    direction = sw.direction if sw.direction != "auto" else ("maximize" if cfg.higher_is_better else "minimize")
+    _note_config(sweep_dir, cfg, log)
+
+    study = optuna.create_study(storage=make_storage(url), study_name=study_name, direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise ConfigError(f"study {study_name!r} in {url} was created to {study.direction.name.lower()}, not to {direction}; "
+                          "use another sweep.study_name / sweep.name")
+    base = cfg.model_dump(mode="json", exclude_unset=True)
+    base.pop("sweep", None)
+    cpus = os.cpu_count() or 1
+    plan = {
+        "sweep_dir": str(sweep_dir.resolve()), "sweep_name": sweep_name, "study_name": study_name, "storage": url,
+        "base": base, "sweep": sw.model_dump(mode="json"), "monitor": cfg.monitor, "direction": direction,
+        "budget": sw.trials, "deadline": time.time() + 60 * sw.timeout_minutes if sw.timeout_minutes else None,
+        "seed": sw.seed if sw.seed is not None else cfg.train.seed,
+        "threads": max(1, cpus // workers) if workers > 1 else None,
+    }
+    recovered = recover_dead_trials(study, url)
+    if recovered:
+        log(f"[sweep] trials {', '.join(map(str, recovered))} were in flight when their worker died: failed, parameters queued again")
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    log(f"[sweep] {sweep_dir}  study {study_name!r}  {direction} {cfg.monitor}  sampler {sw.sampler}  pruner {sw.pruner}  "
+        f"budget {sw.trials or '-'} trials" + (f" / {sw.timeout_minutes:g} min" if sw.timeout_minutes else "")
+        + (f"  ({done} finished before: resuming)" if done else "") + (f"  workers {workers}" if workers > 1 else ""))
+    t0 = time.time()
+    _index(plan, cfg, "running", log, started=t0)
+    try:
+        if workers == 1:
+            run_worker(plan, 0, log=log)
+        else:
+            _run_processes(plan, workers, sweep_dir, log)
+    except BaseException:
+        _index(plan, cfg, "interrupted", log, started=t0, ended=time.time())
+        raise
+    result = finish(plan, sweep_dir, time.time() - t0, plots=plots)
+    metrics = {cfg.monitor: result.best_value} if result.best_value is not None else {}
+    _index(plan, cfg, "completed", log, started=t0, ended=time.time(), metrics=metrics,
+           cost={"wall_seconds": result.wall_seconds, "trial_seconds": sum(r["seconds"] or 0 for r in result.trials)})
+    return result
+
+
+def _index(plan: dict, cfg: RunConfig, status: str, log, **info) -> None:
+    """The sweep's row in the run index of its output folder (its trials file themselves under it)."""
+    track = getattr(cfg, "track", None)
+    if track is None or not getattr(track, "index", False):
+        return
+    try:
+        from ..track.index import register_sweep
+
+        register_sweep(Path(plan["sweep_dir"]).parent, plan["sweep_dir"], status=status, task=cfg.task,
+                       config=plan["base"], **info)
+    except Exception as e:  # the index is a convenience; it never stops a sweep
+        log(f"[sweep] note: the run index was not updated ({type(e).__name__}: {e})")
+
+
+def _note_config(sweep_dir: Path, cfg: RunConfig, log) -> None:
+    path = sweep_dir / "sweep.yaml"
+    text = dump_config(cfg)
+    if path.exists():
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if (old.get("sweep") or {}).get("params") != cfg.sweep.model_dump(mode="json")["params"]:
+            log("[sweep] warning: the search space differs from the one this sweep started with; "
+                "the trials so far were sampled from the earlier one")
+    atomic.write_text(path, text)
+
+
+def _run_processes(plan: dict, workers: int, sweep_dir: Path, log) -> None:
+    """N worker processes (`python -m slimtune.sweep.worker`), each with cpus // N torch threads."""
+    plan = {**plan, "parent_pid": os.getpid()}
+    plan_path = sweep_dir / f".plan-{os.getpid()}.json"
+    atomic.write_json(plan_path, plan)
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen([sys.executable, "-m", "slimtune.sweep.worker", str(plan_path), str(i)], env=env)
+             for i in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        plan_path.unlink(missing_ok=True)
+    bad = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if bad:
+        raise SweepError("worker " + ", ".join(f"{i} exited with code {c}" for i, c in bad) + " (its error is printed above)")
+
+
+def finish(plan: dict, sweep_dir: Path, wall: float, plots: bool = True) -> SweepResult:
+    """Table, best config, summary and plots from the study as it stands."""
+    import optuna
+
+    from .results import best_trial, mask_url, write_best, write_table
+
+    study = optuna.load_study(study_name=plan["study_name"], storage=make_storage(plan["storage"]))
+    rows = write_table(study, sweep_dir, plan["monitor"], list(plan["sweep"]["params"]))
+    best = best_trial(study)
+    best_path = write_best(plan, study, sweep_dir)
+    counts: dict = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    drawn = {}
+    if plots:
+        from .plots import write_plots
+
+        drawn = write_plots(study, sweep_dir, plan["monitor"])
+    summary = {
+        "sweep_dir": str(sweep_dir), "study_name": plan["study_name"], "storage": mask_url(plan["storage"]),
+        "direction": plan["direction"], "metric": plan["monitor"], "sampler": plan["sweep"]["sampler"],
+        "pruner": plan["sweep"]["pruner"], "budget_trials": plan["budget"], "counts": counts,
+        "best": None if best is None else {"trial": best.number, "value": best.value, "params": best.params,
+                                           "run_dir": best.user_attrs.get("run_dir"), "config": str(best_path),
+                                           **{k: v for k, v in best.user_attrs.items() if k.startswith("test_")}},
+        "wall_seconds": wall, "trial_seconds": sum(r["seconds"] or 0 for r in rows), "plots": drawn,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    atomic.write_json(sweep_dir / "summary.json", summary)
+    return SweepResult(sweep_dir, plan["study_name"], summary["storage"], plan["direction"], plan["monitor"],
+                       None if best is None else best.value, {} if best is None else dict(best.params),
+                       None if best is None else best.number, best_path, counts, wall, rows, drawn)

@@ -1,0 +1,414 @@
+"""The run index: one small SQLite file, `<output.dir>/index.sqlite`, with a row per run and per sweep.
+
+A row holds what `slimtune runs list` filters and sorts on (task, model, method, status, key
+metrics, cost, start / end, parent sweep, config hash) plus the config, metrics and cost as
+JSON, so that `runs show` / `runs compare` still work when a folder is gone. The folders stay
+the truth: a row whose summary.json changed since it was indexed is re-read when listed, a
+folder copied from elsewhere is added with `add_folder`, and a deleted folder is reported.
+
+Concurrent runs write to the same index: every write is one short `BEGIN IMMEDIATE`
+transaction, in WAL mode, with a busy timeout, so writers queue instead of failing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import sqlite3
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .runinfo import RunFolderError, config_hash, flat_metrics, is_run_folder, read_run, run_folders_in
+
+INDEX_FILE = "index.sqlite"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    path TEXT PRIMARY KEY,      -- relative to the index root when inside it (the root can move), else absolute
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'run',   -- run | sweep
+    parent TEXT,                -- path key of the sweep the run belongs to
+    status TEXT,
+    task TEXT, model TEXT, method TEXT,
+    config_hash TEXT,
+    monitor TEXT, monitor_value REAL,
+    started REAL, ended REAL,   -- unix times
+    wall_seconds REAL, train_seconds REAL, energy_kwh REAL, co2_kg REAL,
+    pid INTEGER, host TEXT,     -- of a running run: a vanished process shows as 'dead'
+    metrics TEXT, cost TEXT, config TEXT,   -- JSON
+    summary_mtime REAL,
+    updated REAL
+);
+CREATE INDEX IF NOT EXISTS runs_parent ON runs(parent);
+CREATE INDEX IF NOT EXISTS runs_name ON runs(name);
+"""
+_FIELDS = ("path", "name", "kind", "parent", "status", "task", "model", "method", "config_hash", "monitor",
+           "monitor_value", "started", "ended", "wall_seconds", "train_seconds", "energy_kwh", "co2_kg", "pid", "host",
+           "metrics", "cost", "config", "summary_mtime", "updated")
+# what `runs list` shows by default (metric columns are added from the rows)
+LIST_COLUMNS = ("name", "status", "task", "model", "method")
+COST_COLUMNS = ("train_seconds", "energy_kwh", "co2_kg")
+
+
+class IndexError_(LookupError):
+    """A run reference that the index cannot resolve; the message says why."""
+
+
+def index_file(root: str | Path) -> Path:
+    return Path(root) / INDEX_FILE
+
+
+@contextlib.contextmanager
+def connect(root: str | Path, create: bool = True):
+    path = index_file(root)
+    if not create and not path.exists():
+        raise FileNotFoundError(f"{path}: no run index here; runs register themselves under their output.dir "
+                                f"(give --root), and `slimtune runs add FOLDER` adds a run folder by hand")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        con.row_factory = sqlite3.Row
+        con.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        with contextlib.suppress(sqlite3.OperationalError):  # e.g. a file system without shared memory
+            con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            with _write(con):
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _write(con):
+    """One short write transaction; IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+# -- keys ----------------------------------------------------------------------
+
+def key_for(root: str | Path, path: str | Path) -> str:
+    root, path = Path(root).resolve(), Path(path).resolve()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def path_for(root: str | Path, key: str) -> Path:
+    p = Path(key)
+    return p if p.is_absolute() else Path(root) / p
+
+
+# -- writing -------------------------------------------------------------------
+
+def _epoch(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _num(x):
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def row_for_run(root, run_dir, config: dict, summary: dict, summary_mtime: float | None = None) -> dict:
+    cost = summary.get("cost") or {}
+    monitor = summary.get("monitor")
+    best = summary.get("best") or {}
+    sweep = (config.get("track") or {}).get("sweep")
+    ended = _epoch(summary.get("ended_at"))
+    started = _epoch(summary.get("started_at"))
+    wall = _num(cost.get("wall_seconds")) or _num(summary.get("wall_seconds"))
+    if started is None and ended is not None and wall is not None:
+        started = ended - wall
+    method = config.get("method") or {}
+    return {
+        "path": key_for(root, run_dir), "name": Path(run_dir).name, "kind": "run",
+        "parent": key_for(root, sweep) if sweep else None,
+        "status": summary.get("status", "unknown"),
+        "task": config.get("task"), "model": (config.get("model") or {}).get("name"),
+        "method": method.get("name", "lora") if isinstance(method, dict) else str(method),
+        "config_hash": summary.get("config_hash") or config_hash(config),
+        "monitor": monitor, "monitor_value": _num(best.get(monitor)) if monitor else None,
+        "started": started, "ended": ended,
+        "wall_seconds": wall, "train_seconds": _num(cost.get("train_seconds")) or _num(summary.get("train_seconds")),
+        "energy_kwh": _num(cost.get("energy_kwh")), "co2_kg": _num(cost.get("co2_kg")),
+        "pid": summary.get("pid"), "host": summary.get("host"),
+        "metrics": json.dumps(flat_metrics(summary)), "cost": json.dumps(cost, default=str),
+        "config": json.dumps(config, default=str), "summary_mtime": summary_mtime, "updated": time.time(),
+    }
+
+
+def _upsert(con, row: dict) -> None:
+    cols = ", ".join(_FIELDS)
+    marks = ", ".join(f":{f}" for f in _FIELDS)
+    updates = ", ".join(f"{f}=excluded.{f}" for f in _FIELDS if f != "path")
+    con.execute(f"INSERT INTO runs ({cols}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates}",
+                {f: row.get(f) for f in _FIELDS})
+    if row.get("parent"):  # the sweep gets a row too, if its runner did not register it
+        con.execute("INSERT OR IGNORE INTO runs (path, name, kind, status, task, updated) VALUES (?, ?, 'sweep', ?, ?, ?)",
+                    (row["parent"], Path(row["parent"]).name, "", row.get("task"), time.time()))
+
+
+def register_run(root, run_dir, config: dict, summary: dict) -> None:
+    """Insert or update the run's row (called by `run()` when it starts, at each evaluation and at the end)."""
+    sp = Path(run_dir) / "summary.json"
+    mtime = sp.stat().st_mtime if sp.exists() else None
+    row = row_for_run(root, run_dir, config, summary, mtime)
+    with connect(root) as con, _write(con):
+        _upsert(con, row)
+
+
+def register_sweep(root, sweep_dir, status: str = "running", task: str | None = None, **info) -> None:
+    """The sweep runner's row: `info` may hold best metrics ('metrics': {...}), cost ('cost': {...})
+    and started / ended unix times; its trials register themselves with `track.sweep` set."""
+    row = {"path": key_for(root, sweep_dir), "name": Path(sweep_dir).name, "kind": "sweep", "status": status, "task": task,
+           "started": info.get("started"), "ended": info.get("ended"), "metrics": json.dumps(info.get("metrics") or {}),
+           "cost": json.dumps(info.get("cost") or {}, default=str), "config": json.dumps(info.get("config") or {}, default=str),
+           "energy_kwh": _num((info.get("cost") or {}).get("energy_kwh")), "co2_kg": _num((info.get("cost") or {}).get("co2_kg")),
+           "updated": time.time()}
+    with connect(root) as con, _write(con):
+        _upsert(con, row)
+
+
+def add_folder(root, path) -> list[str]:
+    """Add a run folder (copied from elsewhere, or run with track.index off), or every run folder
+    directly inside a folder of runs (a sweep). Returns the names added; raises RunFolderError."""
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"{path}: folder not found")
+    if is_run_folder(path):
+        folders = [path]
+    else:
+        folders = run_folders_in(path)
+        if not folders:
+            raise RunFolderError(f"{path}: not a run folder (no config.yaml) and holds no run folders")
+    rows = []
+    for f in folders:
+        info = read_run(f)
+        sp = f / "summary.json"
+        row = row_for_run(root, f, info.config, info.summary, sp.stat().st_mtime if sp.exists() else None)
+        if row["parent"] is None and f != path:  # runs inside a folder of runs: that folder is their sweep
+            top = f.relative_to(path).parts[0]
+            if path.resolve() != Path(root).resolve():
+                row["parent"] = key_for(root, path)
+            elif top != f.name:  # <root>/<sweep>/trials/<run>
+                row["parent"] = key_for(root, path / top)
+        rows.append(row)
+    with connect(root) as con, _write(con):
+        for row in rows:
+            _upsert(con, row)
+    return [r["name"] for r in rows]
+
+
+def remove(root, keys: list[str]) -> None:
+    with connect(root, create=False) as con, _write(con):
+        for key in keys:
+            con.execute("DELETE FROM runs WHERE path = ?", (key,))
+
+
+# -- reading -------------------------------------------------------------------
+
+def _alive(pid: int | None, host: str | None) -> bool:
+    if not pid or host != socket.gethostname():
+        return True  # cannot tell from here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _decode(root, r: dict) -> dict:
+    """A stored row -> the flat dict that list / filter / sort / show use."""
+    folder = path_for(root, r["path"])
+    out = {k: r[k] for k in ("name", "kind", "status", "task", "model", "method", "monitor", "monitor_value", "config_hash",
+                             "started", "ended", "wall_seconds", "train_seconds", "energy_kwh", "co2_kg")}
+    out["key"] = r["path"]
+    out["path"] = str(folder)
+    out["parent"] = Path(r["parent"]).name if r["parent"] else None
+    out["parent_key"] = r["parent"]
+    out["exists"] = folder.is_dir()
+    out["problem"] = None
+    for k, v in json.loads(r["metrics"] or "{}").items():
+        out.setdefault(k, v)
+    cost = json.loads(r["cost"] or "{}")
+    for k in ("cpu_seconds", "gpu_seconds", "flops", "samples_seen", "tokens_seen", "host_peak_rss_mb", "device_peak_mb"):
+        if k in cost:
+            out[k] = cost[k]
+    out["cost"] = cost
+    out["config"] = json.loads(r["config"] or "{}")
+    if not out["exists"]:
+        out["problem"] = f"folder {folder} no longer exists (`slimtune runs rm {out['name']}` drops the entry)"
+        out["status"] = "missing"
+    elif out["status"] == "running" and not _alive(r["pid"], r["host"]):
+        out["problem"] = f"process {r['pid']} is gone without writing a final status (killed or crashed)"
+        out["status"] = "dead"
+    return out
+
+
+def _refresh(root, con, raw: list[dict]) -> tuple[list[dict], dict]:
+    """Re-read the runs whose summary.json changed since they were indexed (a resumed run, a
+    run written with the index off, a folder edited by hand); damaged ones are reported."""
+    fresh, problems = [], {}
+    for r in raw:
+        if r["kind"] != "run":
+            continue
+        folder = path_for(root, r["path"])
+        sp = folder / "summary.json"
+        try:
+            mtime = sp.stat().st_mtime
+        except OSError:
+            continue
+        if r["summary_mtime"] is not None and abs(mtime - r["summary_mtime"]) < 1e-6:
+            continue
+        try:
+            info = read_run(folder)
+        except RunFolderError as e:
+            problems[r["path"]] = str(e)
+            continue
+        row = row_for_run(root, folder, info.config, info.summary, mtime)
+        row["parent"] = row["parent"] or r["parent"]
+        fresh.append(row)
+    if fresh:
+        with _write(con):
+            for row in fresh:
+                _upsert(con, row)
+        raw = [dict(x) for x in con.execute("SELECT * FROM runs")]
+    return raw, problems
+
+
+def rows(root, refresh: bool = True) -> list[dict]:
+    """Every row of the index under `root`, decoded; missing / dead / damaged runs are marked."""
+    with connect(root, create=False) as con:
+        raw = [dict(x) for x in con.execute("SELECT * FROM runs")]
+        problems = {}
+        if refresh:
+            raw, problems = _refresh(root, con, raw)
+    out = []
+    for r in raw:
+        d = _decode(root, r)
+        if r["path"] in problems:
+            d["status"], d["problem"] = "damaged", problems[r["path"]]
+        out.append(d)
+    return out
+
+
+def find(root, ref: str, all_rows: list[dict] | None = None) -> dict:
+    """A run by folder path, name, or unique name prefix."""
+    all_rows = rows(root) if all_rows is None else all_rows
+    p = Path(ref)
+    if p.exists():
+        key = key_for(root, p)
+        hit = [r for r in all_rows if r["key"] == key]
+        if hit:
+            return hit[0]
+    for test in (lambda r: r["name"] == ref, lambda r: r["name"].startswith(ref)):
+        hit = [r for r in all_rows if test(r)]
+        if len(hit) == 1:
+            return hit[0]
+        if len(hit) > 1:
+            raise IndexError_(f"{ref!r} matches {len(hit)} runs ({', '.join(r['path'] for r in hit[:5])}); give the folder path")
+    if p.exists() and is_run_folder(p):
+        raise IndexError_(f"{ref}: this run folder is not in the index at {index_file(root)}; add it with "
+                          f"`slimtune runs add {ref} --root {root}`")
+    raise IndexError_(f"no run {ref!r} in {index_file(root)} (`slimtune runs list --root {root}` lists them)")
+
+
+# -- filter and sort -----------------------------------------------------------
+
+_WHERE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|!=|==|=|>|<)\s*([^<>=!\s].*?)\s*$")
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+        "=": lambda a, b: a == b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+
+
+def resolve_column(name: str, all_rows: list[dict]) -> str:
+    """A column name as the user wrote it: exact, or a metric name meaning its best_ value."""
+    keys = set().union(*(r.keys() for r in all_rows)) if all_rows else set()
+    if name in keys:
+        return name
+    if f"best_{name}" in keys:
+        return f"best_{name}"
+    if name == "started" or not all_rows:
+        return name
+    shown = sorted(k for k in keys if k not in ("cost", "config", "key", "parent_key", "problem"))
+    raise ValueError(f"unknown column {name!r}; columns: {', '.join(shown)}")
+
+
+def parse_where(expr: str) -> tuple[str, str, object]:
+    m = _WHERE.match(expr)
+    if not m:
+        raise ValueError(f"--where {expr!r}: expected COLUMN OP VALUE with OP one of >=, <=, >, <, =, != "
+                         f"(for example 'test_accuracy>=0.9' or 'energy_kwh<0.01')")
+    key, op, raw = m.groups()
+    try:
+        value: object = float(raw)
+    except ValueError:
+        value = raw.strip("'\"")
+    return key, op, value
+
+
+def select(all_rows: list[dict], task=None, model=None, method=None, status=None, sweep=None, kind=None,
+           where: list[str] | None = None, sort: str | None = None, descending: bool | None = None) -> list[dict]:
+    out = list(all_rows)
+    if task:
+        out = [r for r in out if r["task"] == task]
+    if model:
+        out = [r for r in out if r["model"] and model.lower() in r["model"].lower()]
+    if method:
+        out = [r for r in out if r["method"] == method]
+    if status:
+        out = [r for r in out if r["status"] == status]
+    if sweep:
+        out = [r for r in out if r["parent"] == sweep or (r["parent_key"] or "") == sweep]
+    if kind:
+        out = [r for r in out if r["kind"] == kind]
+    for expr in where or []:
+        key, op, value = parse_where(expr)
+        key = resolve_column(key, all_rows)
+        kept = []
+        for r in out:
+            v = r.get(key)
+            if v is None:
+                continue
+            if isinstance(value, float) and not isinstance(v, (int, float)):
+                continue
+            if _OPS[op](v if isinstance(value, float) else str(v), value):
+                kept.append(r)
+        out = kept
+    if sort:
+        key = resolve_column(sort, all_rows)
+        desc = descending if descending is not None else False
+        present = [r for r in out if r.get(key) is not None]
+        absent = [r for r in out if r.get(key) is None]
+        numeric = all(isinstance(r[key], (int, float)) for r in present)
+        present.sort(key=(lambda r: r[key]) if numeric else (lambda r: str(r[key])), reverse=desc)
+        out = present + absent  # runs without the value go last either way
+    else:  # newest first
+        out.sort(key=lambda r: r.get("started") or r.get("ended") or 0, reverse=True if descending is None else descending)
+    return out
+
+
+def fmt_time(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"

@@ -1,0 +1,140 @@
+"""Reading a run folder back: what the index, `slimtune runs` and the reports need.
+
+A run folder may come from another machine, be half-written by a crash or be edited by
+hand: every problem is a `RunFolderError` whose message names the folder and the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a readable run folder; the message says what is wrong."""
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the resolved config without `output` and `track` (where a run is written and
+    what watches it do not change what it computes): equal hashes, same experiment."""
+    keep = {k: v for k, v in config.items() if k not in ("output", "track")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def flat(d: dict | None, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists stay values."""
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def flat_metrics(summary: dict) -> dict:
+    """best / final / test metric dicts -> best_accuracy, final_loss, test_macro_f1, ..."""
+    out = {}
+    for part in ("best", "final", "test"):
+        for k, v in (summary.get(part) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{part}_{k}"] = v
+    return out
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not UTF-8 text; the file is damaged") from None
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    config: dict
+    summary: dict
+    metrics: list[dict] = field(default_factory=list)   # metrics.jsonl records
+    confusion: dict | None = None                        # confusion_matrix.json
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
+
+    @property
+    def monitor(self) -> str | None:
+        return self.summary.get("monitor") or (self.config.get("eval") or {}).get("monitor")
+
+    @property
+    def cost(self) -> dict:
+        return self.summary.get("cost") or {}
+
+
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / "config.yaml").is_file()
+
+
+def run_folders_in(folder: str | Path) -> list[Path]:
+    """The run folders inside a folder of runs (an output.dir, a sweep): its subfolders that are
+    runs, and those one level further down (a sweep's trials/trial-0007)."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if is_run_folder(p):
+            out.append(p)
+        else:
+            out += sorted(q for q in p.iterdir() if q.is_dir() and is_run_folder(q))
+    return out
+
+
+def read_run(path: str | Path, records: bool = False) -> RunInfo:
+    """The run folder's config and summary (and, with `records`, metrics / confusion matrix / meta)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"{path}: folder not found (deleted or moved?)")
+    if not path.is_dir():
+        raise RunFolderError(f"{path}: not a folder")
+    cfg_path = path / "config.yaml"
+    if not cfg_path.is_file():
+        raise RunFolderError(f"{path}: not a run folder (no config.yaml)")
+    try:
+        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]}); the file is damaged") from None
+    if not isinstance(config, dict) or "task" not in config or "model" not in config:
+        raise RunFolderError(f"{cfg_path}: not a slimtune run config (no task / model)")
+    summary_path = path / "summary.json"
+    if summary_path.is_file():
+        summary = _read_json(summary_path)
+        if not isinstance(summary, dict):
+            raise RunFolderError(f"{summary_path}: expected a JSON object")
+    else:  # the run stopped before training began (or is about to begin)
+        summary = {"status": "not started"}
+    info = RunInfo(path, config, summary)
+    if records:
+        mpath = path / "metrics.jsonl"
+        if mpath.is_file():
+            for line in mpath.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if isinstance(rec, dict):
+                    info.metrics.append(rec)
+        if (path / "confusion_matrix.json").is_file():
+            info.confusion = _read_json(path / "confusion_matrix.json")
+        if (path / "meta.json").is_file():
+            info.meta = _read_json(path / "meta.json")
+    return info

@@ -1,0 +1,188 @@
+"""Everything that follows a run beside the training loop, behind a few calls in `api.run()`:
+
+    tracking = RunTracking(cfg, rd, acc, resumed)   # the run folder exists; trackers are importable
+    callbacks.insert(0, tracking)                   # evaluations: index progress, confusion matrix
+    base = tracking.begin(base)                     # training starts: index 'running', energy + clocks on
+    summary = tracking.end(summary, loop)           # completed / interrupted / failed: cost into the summary
+
+`begin` registers the run in `<output.dir>/index.sqlite` and starts codecarbon; `end` stops it,
+adds the `cost` block (time, memory, data seen, FLOPs, energy, CO2) and the start / end times
+to the summary, updates the index and closes MLflow / TensorBoard. Only the main process
+measures and writes. Tracking never fails a finished run: its own errors become warnings.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import socket
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .cost import FLOPS_FORMULA, CostClock, accumulate, matmul_params, training_flops
+from .energy import EnergyMeter
+from .runinfo import config_hash
+from .trackers import MISSING, open_sinks, safe_call
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _warn(msg: str) -> None:
+    print(f"[tracking warning] {msg}", file=sys.stderr)
+
+
+def peak_memory() -> dict:
+    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def index_root(cfg) -> Path:
+    """Where the run's index lives: its output.dir; a sweep's trial goes to the index of the
+    sweep's own output root (the sweep folder's parent), beside the sweep's row."""
+    return Path(cfg.track.sweep).parent if cfg.track.sweep else Path(cfg.output.dir)
+
+
+class RunTracking:
+    def __init__(self, cfg, rd, acc, resumed: bool = False):
+        self.cfg, self.rd, self.acc = cfg, rd, acc
+        self.t = cfg.track
+        self.main = acc.is_main_process
+        self.config = cfg.model_dump(mode="json")
+        self.config_hash = config_hash(self.config)
+        self.previous: dict = {}
+        if resumed and (rd.path / "summary.json").is_file():
+            try:
+                self.previous = rd.read_json("summary.json")
+            except ValueError:
+                self.previous = {}
+        self.started_at = self.previous.get("started_at") or _now()
+        self.meter: EnergyMeter | None = None
+        # wall / CPU time from here (the run folder exists, the model is about to load); energy from begin()
+        self.clock = CostClock(acc.num_processes if acc.device.type == "cuda" else 0)
+        self.sinks: list = []
+        self.confusion: dict = {}
+        self.ended = False
+        for on, mod, key in ((self.t.mlflow, "mlflow", "mlflow"), (self.t.tensorboard, "tensorboard", "tensorboard")):
+            if on and importlib.util.find_spec(mod) is None:  # before any training, with the install line
+                raise ImportError(MISSING.format(what=mod, key=key))
+
+    # -- start -------------------------------------------------------------------
+    def begin(self, base_summary: dict) -> dict:
+        """Training starts: returns the base summary with the run's identity (hash, start, process)."""
+        base = {**base_summary, "config_hash": self.config_hash, "started_at": self.started_at,
+                "pid": os.getpid(), "host": socket.gethostname()}
+        if not self.main:
+            return base
+        if self.t.energy:
+            self.meter = EnergyMeter(self.t.country, self.t.region, self.t.carbon_intensity, self.t.measure_secs,
+                                     machine_wide=self.acc.num_processes > 1)
+            self.meter.start()
+        try:
+            self.sinks = open_sinks(self.cfg, self.rd.path, (self.rd.path / "config.yaml").read_text(encoding="utf-8"),
+                                    self.previous.get("trackers"))
+        except Exception as e:
+            _warn(f"external trackers not opened: {type(e).__name__}: {e}")
+        if self.sinks:
+            self.rd.sinks.append(self._to_sinks)
+        self._index({"status": "running", **base})
+        return base
+
+    def _to_sinks(self, record: dict) -> None:
+        self.sinks = safe_call(self.sinks, "__call__", record)
+
+    def _index(self, summary: dict) -> None:
+        if not (self.main and self.t.index):
+            return
+        from . import index
+
+        root = index_root(self.cfg)
+        try:
+            index.register_run(root, self.rd.path, self.config, summary)
+        except Exception as e:  # a locked / read-only index must not stop training
+            _warn(f"run index {index.index_file(root)} not updated: {type(e).__name__}: {e}")
+
+    # -- loop events -------------------------------------------------------------
+    def on_eval_end(self, loop, metrics: dict) -> None:
+        st = loop.state
+        improved = st["best_step"] == st["step"]
+        if improved:
+            self._confusion("eval", loop)
+            self._index({"status": "running", "step": st["step"], "monitor": self.cfg.monitor,
+                         "best": st["best_metrics"], "config_hash": self.config_hash, "started_at": self.started_at,
+                         "pid": os.getpid(), "host": socket.gethostname()})
+
+    def on_test_end(self, loop) -> None:
+        """After the test set was evaluated with the best checkpoint."""
+        self._confusion("test", loop)
+
+    def _confusion(self, split: str, loop) -> None:
+        fn = getattr(loop.task, "confusion_matrix", None)
+        parts = getattr(loop, "last_parts", None)
+        if fn is None or not parts or not self.main:
+            return
+        labels = (self.rd.read_json("meta.json") if (self.rd.path / "meta.json").is_file() else {}).get("labels")
+        if not self.confusion and (self.rd.path / "confusion_matrix.json").is_file():
+            try:  # a resumed run keeps the eval matrix of its best step
+                self.confusion = self.rd.read_json("confusion_matrix.json")
+            except ValueError:
+                pass
+        self.confusion["labels"] = labels
+        step = loop.state["best_step"] if split == "test" else loop.state["step"]  # test: the best checkpoint
+        self.confusion[split] = {"step": step, "matrix": fn(parts, loop.num_labels),
+                                 "rows": "true label", "columns": "predicted label"}
+        self.rd.write_json("confusion_matrix.json", self.confusion)
+
+    # -- end -----------------------------------------------------------------------
+    def end(self, summary: dict, loop=None) -> dict:
+        """Final summary of this session: with `cost`, start / end times; index and trackers updated."""
+        if self.ended:
+            return summary
+        self.ended = True
+        try:
+            summary = self._finish(summary, loop)
+        except Exception as e:  # measuring must not hide the run's own result or error
+            _warn(f"cost not recorded: {type(e).__name__}: {e}")
+        return summary
+
+    def _finish(self, summary: dict, loop) -> dict:
+        clock = self.clock.read()
+        st = loop.state if loop is not None else {}
+        cost = {**clock, "train_seconds": st.get("train_seconds"), **peak_memory(),
+                "samples_seen": st.get("samples"), "tokens_seen": st.get("tokens")}
+        if loop is not None:
+            n, n_train = matmul_params(self.acc.unwrap_model(loop.model))
+            cost.update(flops=training_flops(n, n_train, st.get("tokens") or 0), flops_formula=FLOPS_FORMULA,
+                        matmul_params=n, matmul_params_trainable=n_train)
+        if self.meter is not None:
+            energy = self.meter.stop()
+            cost["energy"] = energy
+            cost["energy_kwh"], cost["co2_kg"] = energy.get("energy_kwh"), energy.get("co2_kg")
+        cost["sessions"] = 1
+        cost = accumulate(cost, self.previous.get("cost"))
+        out = {**summary, "config_hash": self.config_hash, "started_at": self.started_at, "ended_at": _now(), "cost": cost}
+        if self.sinks:
+            ids = {f"{s.name}_run_id": s.run_id for s in self.sinks if hasattr(s, "run_id")}
+            if ids:
+                out["trackers"] = ids
+        if self.main:
+            if self._to_sinks in self.rd.sinks:
+                self.rd.sinks.remove(self._to_sinks)
+            # the summary is on disk before MLflow copies it as an artifact
+            atomic.write_json(self.rd.path / "summary.json", out)
+            self.sinks = safe_call(self.sinks, "finish", out, self.rd.path)
+            self._index(out)
+            e = cost.get("energy") or {}
+            if e.get("energy_kwh") is not None and out.get("status") == "completed":
+                where = e["country"] or "world average"
+                self.acc.print(f"energy: {e['energy_kwh']:.3g} kWh, {e['co2_kg']:.3g} kg CO2e ({e['method']}; grid: {where})")
+            elif e.get("error"):
+                _warn(f"energy not measured: {e['error']}")
+        return out

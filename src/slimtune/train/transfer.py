@@ -1,0 +1,119 @@
+"""Transfer-learning techniques as loop callbacks: gradual unfreezing, staged
+fine-tuning, sequence-length warm-up.
+
+Each is a pure function of the step (so a resumed run is in the same state without
+saving anything extra) applied through the loop's events. Parameters frozen by a
+technique keep `grad=None`, and AdamW skips such parameters entirely, so the
+optimizer only steps what is trainable at that moment.
+"""
+from __future__ import annotations
+
+import bisect
+
+from .schedules import lr_factor
+
+
+class _GroupFreezer:
+    """Sets requires_grad by group, never enabling what the method froze."""
+
+    def __init__(self, model, groups):
+        self.params = dict(model.named_parameters())
+        self.method_trainable = {n for n, p in self.params.items() if p.requires_grad}
+        self.groups = groups
+
+    def set_trainable(self, allowed: set[str]) -> None:
+        for n, p in self.params.items():
+            p.requires_grad = n in self.method_trainable and self.groups.of_param.get(n) in allowed
+
+    def trainable_groups(self) -> list[str]:
+        return [g for g in self.groups.names
+                if any(p.requires_grad for n, p in self.params.items() if self.groups.of_param.get(n) == g)]
+
+
+class GradualUnfreeze:
+    """ULMFiT: start with the top `start` groups trainable, unfreeze one more every `every` steps."""
+
+    def __init__(self, model, groups, every: int, start: int = 1):
+        self.f = _GroupFreezer(model, groups)
+        self.every, self.start = every, start
+
+    def n_unfrozen(self, step: int) -> int:
+        return min(len(self.f.groups.names), self.start + step // self.every)
+
+    def _apply(self, loop) -> None:
+        k = self.n_unfrozen(loop.state["step"])
+        self.f.set_trainable(set(self.f.groups.names[-k:]))
+        loop.log_extras["trainable_groups"] = self.f.trainable_groups()
+
+    on_train_begin = _apply
+    on_step_end = _apply
+
+
+class Staged:
+    """fastai's fine_tune: the head alone for `head_steps`, then everything the method trains;
+    each stage with its own warmup + decay (the loop asks `lr_factor(step)`)."""
+
+    def __init__(self, model, groups, head_steps: int, total_steps: int, head_lr_mult: float, warmup: int, schedule: str):
+        self.f = _GroupFreezer(model, groups)
+        self.head_steps, self.total = head_steps, total_steps
+        self.head_lr_mult, self.warmup, self.schedule = head_lr_mult, warmup, schedule
+
+    def stage(self, step: int) -> int:
+        return 1 if step < self.head_steps else 2
+
+    def lr_factor(self, step: int) -> float:
+        if self.stage(step) == 1:
+            return self.head_lr_mult * lr_factor(step, self.head_steps, max(0, min(self.warmup, self.head_steps // 5)), self.schedule)
+        return lr_factor(step - self.head_steps, self.total - self.head_steps, self.warmup, self.schedule)
+
+    def _apply(self, loop) -> None:
+        step = loop.state["step"]
+        self.f.set_trainable({"head"} if self.stage(step) == 1 else set(self.f.groups.names))
+        loop.log_extras["stage"] = self.stage(step)
+        loop.log_extras["trainable_groups"] = self.f.trainable_groups()
+
+    on_train_begin = _apply
+    on_step_end = _apply
+
+
+def seq_len_at(schedule: list[tuple[float, int]], progress: float) -> int:
+    """The max sequence length at this fraction of training: the last entry whose start <= progress."""
+    starts = [s for s, _ in schedule]
+    i = max(0, bisect.bisect_right(starts, progress) - 1)
+    return schedule[i][1]
+
+
+class SeqLenWarmup:
+    """Train on shorter sequences first (the text counterpart of progressive resizing)."""
+
+    def __init__(self, schedule, total_steps: int, holder: dict):
+        self.schedule = sorted((float(a), int(b)) for a, b in schedule)
+        self.total = total_steps
+        self.holder = holder  # read by the collate function
+
+    def _apply(self, loop) -> None:
+        self.holder["max_len"] = seq_len_at(self.schedule, loop.state["step"] / self.total)
+        loop.log_extras["max_len"] = self.holder["max_len"]
+
+    on_train_begin = _apply
+    on_step_end = _apply
+
+
+def truncating_collate(collate, holder: dict, keep_last: bool):
+    """Cut examples to holder['max_len'] before padding; `keep_last` keeps a final [SEP] / EOS."""
+
+    def fn(examples):
+        n = holder.get("max_len")
+        if n:
+            cut = []
+            for e in examples:
+                if len(e["input_ids"]) > n:
+                    e = dict(e)
+                    for k in ("input_ids", "attention_mask", "labels"):
+                        if isinstance(e.get(k), list):
+                            e[k] = (e[k][: n - 1] + e[k][-1:]) if keep_last else e[k][:n]
+                cut.append(e)
+            examples = cut
+        return collate(examples)
+
+    return fn

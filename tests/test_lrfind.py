@@ -1,0 +1,136 @@
+"""`slimtune lr-find`: the suggestion rule and the divergence stop on synthetic loss curves, then the
+range test on a tiny random model (the lr the loop really used, the plot, --apply, nothing else written)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from slimtune.cli import app
+from slimtune.sweep.lrfind import (FALLBACK_RULE, RULE, DivergenceMonitor, RangeTest, ema, lr_schedule, range_config,
+                                   smooth, suggest)
+
+from conftest import cls_config
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def synthetic_curve(lrs, center=1e-3, width=0.25, blow_up=0.05, noise=0.02, seed=0):
+    """Flat, then a sigmoid drop centred at `center` (steepest there), then a blow-up above `blow_up`."""
+    rng = random.Random(seed)
+    out = []
+    for lr in lrs:
+        x = math.log10(lr)
+        loss = 2.0 - 1.2 / (1 + math.exp(-(x - math.log10(center)) / width))
+        if lr > blow_up:
+            loss += (3 * (x - math.log10(blow_up))) ** 2
+        out.append(loss + rng.gauss(0, noise))
+    return out
+
+
+def test_schedule_is_geometric():
+    lrs = lr_schedule(1e-7, 1.0, 100)
+    assert len(lrs) == 100 and lrs[0] == pytest.approx(1e-7) and lrs[-1] == pytest.approx(1.0)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert max(ratios) == pytest.approx(min(ratios)) == pytest.approx(10 ** (7 / 99))
+    with pytest.raises(ValueError, match="0 < start_lr < end_lr"):
+        lr_schedule(1e-2, 1e-3, 100)
+    with pytest.raises(ValueError, match="at least 5 steps"):
+        lr_schedule(1e-7, 1, 3)
+
+
+@pytest.mark.parametrize("center", [1e-4, 1e-3, 3e-3])
+def test_suggestion_is_the_steepest_descent_of_the_smoothed_loss(center):
+    lrs = lr_schedule(1e-7, 1.0, 200)
+    losses = synthetic_curve(lrs, center=center)
+    s = suggest(lrs, losses)
+    assert s.rule == RULE and s.reliable and "steepest descent" in s.rule
+    assert abs(math.log10(s.lr) - math.log10(center)) < 0.2, (s.lr, center)  # within a factor 1.6
+    # the other rule of thumb, reported alongside: the lr of the lowest smoothed loss / 10
+    assert s.lr_min_div10 == pytest.approx(lrs[s.smoothed.index(min(s.smoothed))] / 10)
+    # a one-sided (lagging) EMA would put the steepest point at a higher lr; the zero-lag one does not
+    import numpy as np
+
+    x = np.log10(lrs)
+    lagged = lrs[int(np.argmin(np.gradient(np.asarray(ema(losses)), x)[: int(np.argmin(ema(losses)))]))]
+    assert abs(math.log10(lagged) - math.log10(center)) > abs(math.log10(s.lr) - math.log10(center))
+
+
+def test_divergence_stops_the_range_test():
+    lrs = lr_schedule(1e-7, 10.0, 200)
+    losses = synthetic_curve(lrs)
+    mon = DivergenceMonitor()
+    stop = next(i for i, l in enumerate(losses) if mon.update(l))
+    assert 0.05 < lrs[stop] < 10.0  # after the loss starts to blow up, before the end
+    assert DivergenceMonitor().update(float("nan"))
+    # the suggestion from what was recorded up to the stop
+    assert abs(math.log10(suggest(lrs[: stop + 1], losses[: stop + 1]).lr) + 3) < 0.2
+
+
+def test_flat_or_broken_curves():
+    lrs = lr_schedule(1e-7, 1.0, 100)
+    flat = [1.0 + 0.001 * math.sin(i) for i in range(100)]
+    s = suggest(lrs, flat)
+    assert s.rule == FALLBACK_RULE and not s.reliable and "rough guess" in s.note
+    curve = synthetic_curve(lrs)
+    curve[60:] = [float("nan")] * 40  # the loss went NaN: the suggestion uses what came before
+    assert len(suggest(lrs, curve).smoothed) == 60
+    with pytest.raises(ValueError, match="need at least 5"):
+        suggest(lrs, [1.0, 0.9, float("inf")] + [1.0] * 97)
+    assert smooth([1.0] * 10) == pytest.approx([1.0] * 10)
+
+
+class _LrSeen:
+    def __init__(self):
+        self.lrs = []
+
+    def on_step_end(self, loop):
+        self.lrs.append([g["lr"] for g in loop.optimizer.param_groups])
+
+
+def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path):
+    import slimtune
+
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "runs")
+    lrs = lr_schedule(1e-4, 1.0, 30)
+    test, seen = RangeTest(lrs), _LrSeen()
+    data = range_config(cfg, 30, 1e-4, str(tmp_path / "tmp"))
+    assert data["train"]["schedule"] == "constant" and data["data"]["test"] is None and "sweep" not in data
+    slimtune.run(data, callbacks=[test, seen])
+    n = len(test.losses)
+    assert n >= 10 and test.recorded_lrs == lrs[:n]
+    assert [row[0] for row in seen.lrs[:n]] == pytest.approx(lrs[:n])  # what the optimizer really used
+    assert all(len(set(row)) == 1 for row in seen.lrs)  # every parameter group (no multipliers for plain LoRA)
+    assert all(math.isfinite(l) for l in test.losses[:5])
+
+
+def test_lr_find_cli_writes_plot_and_applied_config_only(tiny_bert, cls_data, tmp_path):
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "runs")
+    cfg_path = tmp_path / "tune.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    original = cfg_path.read_text()
+    out = tmp_path / "lrf"
+    res = runner.invoke(app, ["lr-find", str(cfg_path), "train.batch_size=8", "--steps", "40", "--start-lr", "1e-5",
+                              "--end-lr", "3", "--out", str(out), "--apply"])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout[res.stdout.index("{"):])
+    assert "suggested lr" in res.output and "(rule: " in res.output  # the rule is stated with the suggestion
+    rec = json.loads((out / "lr_find.json").read_text())
+    assert rec["suggestion"] == printed["suggested_lr"] and 1e-6 <= rec["suggestion"] <= 3
+    assert rec["rule"] in (RULE, FALLBACK_RULE)
+    assert 5 <= rec["steps_run"] <= 40 and rec["lrs"] == sorted(rec["lrs"]) and len(rec["losses"]) == rec["steps_run"]
+    assert (out / "lr_find.png").stat().st_size > 5000
+    applied = tmp_path / "tune.lr.yaml"
+    assert printed["applied_config"] == str(applied)
+    new = yaml.safe_load(applied.read_text())
+    assert new["train"]["lr"] == float(f"{rec['suggestion']:.2g}") and new["train"]["batch_size"] == 8
+    assert new["model"] == cfg["model"] and new["data"] == cfg["data"]
+    res = runner.invoke(app, ["validate", str(applied)])
+    assert res.exit_code == 0, res.output
+    # the config is untouched and no run folder was written
+    assert cfg_path.read_text() == original
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -1,0 +1,173 @@
+"""The method contract matrix: every method x every task through the same checks.
+
+trains (loss goes down on a learnable toy task), saves, reloads to identical outputs,
+merges where supported (same outputs as unmerged), and trains exactly as many
+parameters as `slimtune inspect` predicts. Methods that cannot apply to a task or
+model fail with a clear error instead.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimtune
+import slimtune.inspect as insp
+from slimtune.methods import REGISTRY, MethodError
+from slimtune.models import resolve
+
+from conftest import chat_rows, sentiment_rows, write_csv, write_jsonl
+
+METHODS = [m for m in REGISTRY if m != "qlora"]
+UNSUPPORTED = {("prefix-tuning", "text-classification"): "past_key_values",
+               ("bitfit", "causal-lm"): "no bias terms"}
+LR = {"ia3": 5e-2, "vera": 5e-2, "prompt-tuning": 5e-2, "p-tuning": 1e-2, "head-only": 5e-2, "boft": 2e-2, "oft": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("method-data")
+    return {
+        "text-classification": (str(write_csv(d / "train.csv", sentiment_rows(192, 0))), str(write_csv(d / "eval.csv", sentiment_rows(48, 1)))),
+        "causal-lm": (str(write_jsonl(d / "train.jsonl", chat_rows(96, 0))), str(write_jsonl(d / "eval.jsonl", chat_rows(24, 1)))),
+    }
+
+
+def _config(task, model, data, name, out):
+    train, ev = data[task]
+    return {
+        "task": task,
+        "model": {"name": model, "max_length": 48},
+        "data": {"train": train, "eval": ev},
+        "method": {"name": name},
+        "train": {"max_steps": 36, "batch_size": 16, "lr": LR.get(name, 1e-2), "precision": "fp32", "log_every": 3,
+                  "warmup": 0},
+        "eval": {"every_steps": 12, "monitor": "loss"},
+        "output": {"dir": str(out), "name": name},
+    }
+
+
+@pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
+@pytest.mark.parametrize("name", METHODS)
+def test_method_contract(name, task, tiny_bert_wide, tiny_llama, data, tmp_path):
+    model = tiny_bert_wide if task == "text-classification" else tiny_llama
+    cfg = _config(task, model, data, name, tmp_path)
+    if (name, task) in UNSUPPORTED:
+        with pytest.raises(MethodError, match=UNSUPPORTED[(name, task)]):
+            slimtune.run(cfg)
+        return
+    res = slimtune.run(cfg)
+    run = res.run_dir
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r["type"] == "train"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2, f"{name}: train loss did not go down: {losses}"
+
+    # saved in the documented layout and reloads to the same outputs (eval metrics of the best adapter)
+    adapter = run / "adapter"
+    assert (adapter / "adapter_config.json").is_file() or (adapter / "slimtune_adapter.json").is_file()
+    again = slimtune.evaluate(run, data[task][1])
+    assert again["loss"] == pytest.approx(res.best_metrics["loss"], abs=2e-4, rel=1e-4)
+
+    # trainable parameters as inspect predicts them (eva: LoRA's budget before its rank redistribution)
+    meta, _ = insp._meta_model(resolve(model), task, 2, False)
+    method_cfg = slimtune.load_config(run / "config.yaml").method
+    if getattr(method_cfg, "init", None) in ("pissa", "olora", "eva"):
+        method_cfg = method_cfg.model_copy(update={"init": "default"})
+    predicted = insp.method_cost(meta, task, name, 1, 8, cfg=method_cfg, activations=False)["trainable_params"]
+    if name == "eva":
+        assert predicted == pytest.approx(res.summary["trainable_params"], rel=0.5)
+    else:
+        assert predicted == res.summary["trainable_params"]
+
+    # merge where supported: a plain transformers model with the same outputs
+    loaded = slimtune.load_run(run, device="cpu")
+    batch = loaded.tokenizer(["the movie was great", "tell me about cats"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = loaded.model(**batch).logits
+    if not REGISTRY[name].mergeable:
+        with pytest.raises(MethodError, match="cannot be merged"):
+            slimtune.api.merge(run, tmp_path / "merged")
+        return
+    out = slimtune.api.merge(run, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForCausalLM
+    merged = auto.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = merged(**batch).logits
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_llama, data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(MethodError, match="needs a CUDA GPU"):
+        slimtune.run(_config("causal-lm", tiny_llama, data, "qlora", tmp_path))
+
+
+@pytest.mark.parametrize("bad", [{"name": "lora", "r": 0}, {"name": "lora", "rank": 4}, {"name": "ia3", "r": 4},
+                                 {"name": "last-n-layers", "n": 0}, {"name": "vera", "dropout": 1.5},
+                                 {"name": "p-tuning", "encoder": "GRU"}])
+def test_bad_method_options(bad, tiny_llama, data, tmp_path):
+    cfg = _config("causal-lm", tiny_llama, data, "lora", tmp_path)
+    cfg["method"] = bad
+    with pytest.raises(slimtune.ConfigError, match="method"):
+        slimtune.run(cfg)
+
+
+def test_last_n_layers_larger_than_model(tiny_llama, data, tmp_path):
+    cfg = _config("causal-lm", tiny_llama, data, "last-n-layers", tmp_path)
+    cfg["method"]["n"] = 5
+    with pytest.raises(MethodError, match="only 2 blocks"):
+        slimtune.run(cfg)
+
+
+def test_lora_plus_puts_b_matrices_in_a_faster_group(tiny_llama, data, tmp_path):
+    cfg = _config("causal-lm", tiny_llama, data, "lora-plus", tmp_path)
+    cfg["method"]["ratio"] = 8
+    cfg["train"]["max_steps"] = 3
+    cfg["train"]["log_every"] = 1
+    res = slimtune.run(cfg)
+    rec = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l][0]
+    assert rec["lr"]["lora_B"] == pytest.approx(8 * rec["lr"]["decay"])
+
+
+def test_inspect_memory_estimate_matches_measured(tiny_bert_wide):
+    """inspect's estimate (meta device) vs the bytes a real training step holds, within 25%."""
+    from slimtune.methods import MethodContext, apply_method
+    from transformers import AutoModelForSequenceClassification
+
+    report = insp.inspect_model(tiny_bert_wide, task="text-classification", batch_size=4, seq_len=32, methods=["lora", "full"])
+    for row in report["methods"]:
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_wide, num_labels=2)
+        model = apply_method(model, insp.default_method_config(row["method"]),
+                             MethodContext("text-classification", "SEQ_CLS", ["classifier"], 100, None))
+        model.train()
+        batch = insp.dummy_batch("text-classification", 4, 32, device="cpu", vocab=60)
+        acts = insp.saved_activation_bytes(model, batch)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        model(**batch).loss.backward()
+        opt.step()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim)
+        measured = weights + grads + state + acts
+        assert row["train_memory_bytes"] == pytest.approx(measured, rel=0.25), row
+
+
+def test_inspect_cli_json(tiny_bert_wide):
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", tiny_bert_wide, "--json", "--batch-size", "2", "--seq-len", "16"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["blocks"]["count"] == 2 and rep["task"] == "text-classification"
+    names = {t["peft_name"] for t in rep["target_modules"]}
+    assert {"query", "key", "value"} <= names and "classifier" not in names
+    rows = {r["method"]: r for r in rep["methods"]}
+    assert rows["full"]["share"] == pytest.approx(1.0)
+    assert rows["head-only"]["trainable_params"] < rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert "error" in rows["prefix-tuning"]

@@ -1,0 +1,195 @@
+"""Transfer-learning techniques: parameter groups, discriminative / layer-wise rates,
+gradual unfreezing, staged fine-tuning (and its resume), sequence-length warm-up."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.train.groups import Groups, lr_multipliers, split_groups
+from slimtune.train.schedules import lr_factor
+from slimtune.train.transfer import seq_len_at, truncating_collate
+
+from conftest import cls_config
+
+
+def _records(run, kind="train"):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if f'"{kind}"' in l]
+
+
+def test_splitter_bert_llama_gpt2_and_fallback(tiny_bert, tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    g = split_groups(bert)
+    assert g.names == ["embeddings", "block.0", "block.1", "head"]
+    assert g.of_param["bert.embeddings.word_embeddings.weight"] == "embeddings"
+    assert g.of_param["bert.encoder.layer.1.attention.self.query.weight"] == "block.1"
+    assert g.of_param["classifier.weight"] == "head" and g.of_param["bert.pooler.dense.weight"] == "head"
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    g = split_groups(llama)
+    assert g.names == ["embeddings", "block.0", "block.1", "head"]
+    assert g.of_param["model.layers.0.mlp.down_proj.weight"] == "block.0"
+    assert g.of_param["model.norm.weight"] == "head"
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    g = split_groups(gpt2)
+    assert g.names == ["embeddings", "block.0", "block.1", "block.2", "head"]
+    assert g.of_param["transformer.wpe.weight"] == "embeddings" and g.of_param["transformer.h.2.attn.c_attn.weight"] == "block.2"
+
+    # peft-wrapped: adapters land in their block's group
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(target_modules=["q_proj"]))
+    g = split_groups(pm)
+    assert g.of_param["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"] == "block.1"
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    g = split_groups(mlp)
+    assert g.names == ["all"] and "one group" in g.note
+
+
+def test_lr_multiplier_formulas():
+    g = Groups(["embeddings", "block.0", "block.1", "block.2", "head"])
+    m = lr_multipliers(g, layer_decay=0.5, lr_ratio_min=None, head_mult=None)
+    assert m == {"head": 1.0, "block.2": 0.5, "block.1": 0.25, "block.0": 0.125, "embeddings": 0.0625}
+    m = lr_multipliers(g, layer_decay=None, lr_ratio_min=0.01, head_mult=None)
+    assert m["embeddings"] == pytest.approx(0.01) and m["head"] == pytest.approx(1.0)
+    assert m["block.1"] == pytest.approx(0.1)  # geometric midpoint
+    m = lr_multipliers(g, layer_decay=0.5, lr_ratio_min=None, head_mult=3.0)
+    assert m["head"] == 3.0 and m["block.2"] == 0.5
+
+
+def test_group_lrs_in_a_run_follow_the_formula(tiny_bert, cls_data, tmp_path):
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, epochs=2, lr=1e-2, log_every=1, warmup=0, schedule="linear")
+    cfg["train"].update(layer_decay=0.5, head_lr=2e-2)
+    res = slimtune.run(cfg)
+    total = res.summary["total_steps"]
+    pg = json.loads((res.run_dir / "param_groups.json").read_text())
+    assert pg["groups"] == ["embeddings", "block.0", "block.1", "head"]
+    assert pg["trainable_per_group"]["embeddings"] == 0 and pg["trainable_per_group"]["block.0"] > 0
+    for rec in _records(res.run_dir)[::4]:
+        f = lr_factor(rec["step"] - 1, total, 0, "linear")
+        assert rec["lr"]["block.1"] == pytest.approx(1e-2 * 0.5 * f)
+        assert rec["lr"]["block.0"] == pytest.approx(1e-2 * 0.25 * f)
+        assert rec["lr"]["head"] == pytest.approx(2e-2 * f)
+
+
+def test_lora_plus_composes_with_layer_decay(tiny_bert, cls_data, tmp_path):
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=2, log_every=1, warmup=0, schedule="constant")
+    cfg["method"] = {"name": "lora-plus", "ratio": 4}
+    cfg["train"]["layer_decay"] = 0.5
+    rec = _records(slimtune.run(cfg).run_dir)[0]
+    assert rec["lr"]["block.1/lora_B"] == pytest.approx(4 * rec["lr"]["block.1"])
+    assert rec["lr"]["block.0/lora_B"] == pytest.approx(4 * 0.5 * rec["lr"]["block.1"])
+
+
+class _Snapshot:
+    """Records requires_grad per group and the weights of block.0 at every step."""
+
+    def __init__(self):
+        self.trainable, self.block0 = {}, {}
+
+    def on_step_end(self, loop):
+        m = loop.acc.unwrap_model(loop.model)
+        params = dict(m.named_parameters())
+        self.trainable[loop.state["step"]] = sorted({n.split(".layer.")[1].split(".")[0] for n, p in params.items()
+                                                     if p.requires_grad and ".layer." in n})
+        self.block0[loop.state["step"]] = {n: p.detach().clone() for n, p in params.items() if ".layer.0." in n and "lora" in n}
+
+
+def test_gradual_unfreezing_on_schedule(tiny_bert, cls_data, tmp_path):
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=9, log_every=1)
+    cfg["train"]["unfreeze"] = {"every_steps": 3, "start": 1}
+    snap = _Snapshot()
+    res = slimtune.run(cfg, callbacks=[snap])
+    # groups: embeddings, block.0, block.1, head. Steps 1-3: the head; after 3 steps block.1 joins, after 6 block.0
+    # (the snapshot sees what trained during each step)
+    assert snap.trainable[1] == [] and snap.trainable[3] == []
+    assert snap.trainable[4] == ["1"] and snap.trainable[6] == ["1"]
+    assert snap.trainable[7] == ["0", "1"]
+    # block.0's adapters do not move while frozen (the optimizer skips them), and move once unfrozen
+    for n, t in snap.block0[1].items():
+        torch.testing.assert_close(snap.block0[6][n], t)
+    assert any(not torch.equal(snap.block0[9][n], t) for n, t in snap.block0[1].items())
+    recs = _records(res.run_dir)
+    assert recs[0]["trainable_groups"] == ["head"]
+    assert recs[-1]["trainable_groups"] == ["block.0", "block.1", "head"]  # embeddings: nothing trainable there
+
+
+class _Interrupt:
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, loop):
+        if loop.state["step"] == self.at:
+            raise KeyboardInterrupt
+
+
+def test_staged_fine_tuning_and_resume_in_stage_two(tiny_bert, cls_data, tmp_path):
+    def cfg_for(out):
+        cfg = cls_config(tiny_bert, cls_data, out, max_steps=20, log_every=1, warmup=2)
+        cfg["train"].update(strategy="staged", staged={"head_fraction": 0.25, "head_lr_mult": 2.0})
+        cfg["eval"] = {"every_steps": 5}
+        return cfg
+
+    full = slimtune.run(cfg_for(tmp_path / "a"))
+    recs = _records(full.run_dir)
+    assert [r["stage"] for r in recs[:6]] == [1, 1, 1, 1, 1, 2]  # 25% of 20 steps: the head alone
+    assert recs[0]["trainable_groups"] == ["head"] and "block.0" in recs[6]["trainable_groups"]
+    # stage 2 restarts its warmup: lr at its first step is below the stage's peak
+    assert recs[5]["lr"]["decay"] < recs[7]["lr"]["decay"]
+    with pytest.raises(KeyboardInterrupt):
+        slimtune.run(cfg_for(tmp_path / "b"), callbacks=[_Interrupt(12)])
+    resumed = slimtune.run(None, resume=tmp_path / "b" / "run")
+    assert resumed.best_metrics == pytest.approx(full.best_metrics, abs=1e-6)
+    assert resumed.summary["best_step"] == full.summary["best_step"]
+
+
+def test_seq_len_schedule_pure_function_and_collate():
+    sched = [(0.0, 16), (0.5, 32), (0.8, 64)]
+    assert [seq_len_at(sched, p) for p in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [16, 16, 32, 32, 64, 64]
+    holder = {"max_len": 4}
+    fn = truncating_collate(lambda ex: ex, holder, keep_last=True)
+    out = fn([{"input_ids": [1, 2, 3, 4, 5, 6], "attention_mask": [1] * 6, "labels": 1}])
+    assert out[0]["input_ids"] == [1, 2, 3, 6] and out[0]["attention_mask"] == [1] * 4 and out[0]["labels"] == 1
+
+
+def test_seq_len_warmup_batches_change_length(tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join("the movie was good and the story was nice " * 4 for _ in range(60)))
+
+    class Widths:
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, loop):
+            self.seen.append(loop.log_extras.get("max_len"))
+
+    w = Widths()
+    cfg = {"task": "causal-lm", "model": {"name": tiny_llama, "max_length": 32}, "data": {"train": str(text)},
+           "train": {"max_steps": 8, "batch_size": 4, "precision": "fp32", "log_every": 1,
+                     "seq_len_schedule": [[0.0, 8], [0.5, 16]]}, "output": {"dir": str(tmp_path), "name": "s"}}
+    res = slimtune.run(cfg, callbacks=[w])
+    recs = _records(res.run_dir)
+    # each record shows the length its step trained at: 8 until half-way, then 16
+    assert [r["max_len"] for r in recs] == [8, 8, 8, 8, 16, 16, 16, 16]
+    assert res.summary["tokens_seen"] == 4 * 4 * 8 + 4 * 4 * 16
+
+
+def test_bad_transfer_options(tiny_bert, cls_data, tmp_path):
+    cfg = cls_config(tiny_bert, cls_data, tmp_path)
+    cfg["train"].update(unfreeze={"every_steps": 2}, strategy="staged")
+    with pytest.raises(slimtune.ConfigError, match="use one of them"):
+        slimtune.run(cfg)
+    cfg = cls_config(tiny_bert, cls_data, tmp_path)
+    cfg["train"]["seq_len_schedule"] = [[0.2, 16]]
+    with pytest.raises(slimtune.ConfigError, match="seq_len_schedule"):
+        slimtune.run(cfg)
+    cfg = cls_config(tiny_bert, cls_data, tmp_path)
+    cfg["train"]["layer_decay"] = 1.5
+    with pytest.raises(slimtune.ConfigError, match="layer_decay"):
+        slimtune.run(cfg)
