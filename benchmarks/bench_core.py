@@ -660,7 +660,7 @@ def main(argv=None) -> int:
         print(f"machine: {machine()}\nversions: {versions()}\nload average at start: {load['start']}\nplan: "
               f"{json.dumps({k: v for k, v in params.items() if k in jobs})}\n")
         def run_one(variant: str, tag: str) -> dict | None:
-            res_path = Path(tmp) / f"result-{tag}.json"
+            res_path = Path(tmp) / ("result-" + "".join(c if c.isalnum() else "_" for c in tag) + ".json")
             waited, busy0 = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else (0.0, busy_cores(1.0))
             la = os.getloadavg()
             print(f"[{tag}] {variant} (load {la[0]:.2f}, other processes busy {_fmt(busy0, 2)} cores"
@@ -692,6 +692,32 @@ def main(argv=None) -> int:
                   f"{_fmt(r.get('other_cores_during'), 2)} cores meanwhile)", flush=True)
             return r
 
+        out = Path(args.out) if args.out else HERE / "results" / ("bench_core_quick.json" if args.quick else "bench_core.json")
+
+        def save(final: bool) -> str:
+            """Write the results so far (after every variant, so an interrupted run keeps what it measured)."""
+            results = {}  # medians of throughput over repeats; quality / memory from the first run
+            for variant, rs in runs.items():
+                r = dict(rs[0])
+                for key in ("samples_per_s", "tokens_per_s"):
+                    vals = [x[key] for x in rs]
+                    r[key + "_all"] = vals
+                    r[key + "_median"] = statistics.median(vals)
+                r["peak_rss_train_mb_all"] = [x["peak_rss_train_mb"] for x in rs]
+                results[variant] = r
+            table, ratios = summarize(results, jobs)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp_out = out.with_suffix(".json.tmp")
+            tmp_out.write_text(json.dumps({
+                "status": "complete" if final else "partial",
+                "command": " ".join(["python", "benchmarks/bench_core.py"] + (argv if argv is not None else sys.argv[1:])),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(), "load_average": load,
+                "params": {k: v for k, v in params.items() if k in jobs}, "lora": LORA, "results": results, "runs": runs,
+                "ratios": ratios, "table_md": table, "discarded_disturbed_runs": disturbed,
+            }, indent=2, default=str))
+            tmp_out.replace(out)
+            return table
+
         disturbed: dict[str, list[dict]] = {}
         for i, variant in enumerate(order, 1):
             tries = []
@@ -711,28 +737,9 @@ def main(argv=None) -> int:
             best["attempts"] = len(tries)
             runs.setdefault(variant, []).append(best)
             disturbed.setdefault(variant, []).extend(t for t in tries if t is not best)
+            save(final=False)
         load["end"] = os.getloadavg()
-
-        # medians of throughput over repeats; quality / memory from the first run
-        results = {}
-        for variant, rs in runs.items():
-            r = dict(rs[0])
-            for key in ("samples_per_s", "tokens_per_s"):
-                vals = [x[key] for x in rs]
-                r[key + "_all"] = vals
-                r[key + "_median"] = statistics.median(vals)
-            r["peak_rss_train_mb_all"] = [x["peak_rss_train_mb"] for x in rs]
-            results[variant] = r
-        table, ratios = summarize(results, jobs)
-        print("\n" + table)
-        out = Path(args.out) if args.out else HERE / "results" / ("bench_core_quick.json" if args.quick else "bench_core.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "command": " ".join(["python", "benchmarks/bench_core.py"] + (argv if argv is not None else sys.argv[1:])),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(), "load_average": load,
-            "params": {k: v for k, v in params.items() if k in jobs}, "lora": LORA, "results": results, "runs": runs,
-            "ratios": ratios, "table_md": table, "discarded_disturbed_runs": disturbed,
-        }, indent=2, default=str))
+        print("\n" + save(final=True))
         print(f"results written to {out}")
         return 0
     finally:

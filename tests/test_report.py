@@ -147,6 +147,15 @@ def test_report_errors_are_clear(runs, tmp_path):
     assert res.exit_code == 2 and "no such folder" in res.output
     res = runner.invoke(app, ["report", str(runs / "a"), "--format", "gif", "--out", str(tmp_path / "x.html")])
     assert res.exit_code == 2 and "svg, png" in res.output
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs / "a", damaged)
+    (damaged / "summary.json").write_text('{"status": ')
+    res = runner.invoke(app, ["report", str(damaged), "--out", str(tmp_path / "d.html")])
+    assert res.exit_code == 2 and "summary.json: not valid JSON" in " ".join(res.output.split())
+    # in a comparison the damaged run is left out, and the page says so
+    res = runner.invoke(app, ["report", "--compare", str(runs / "a"), str(damaged), "--out", str(tmp_path / "c.html")])
+    assert res.exit_code == 0, res.output
+    assert "left out:" in (tmp_path / "c.html").read_text() and "not valid JSON" in (tmp_path / "c.html").read_text()
 
 
 def test_pareto_front():

@@ -146,11 +146,11 @@ def test_sweep_prunes_survives_a_kill_and_writes_a_runnable_best_config(tiny_ber
     cfg_path.write_text(yaml.safe_dump(sweep_config(tiny_bert, cls_data, tmp_path / "runs", trials=4), sort_keys=False))
     sweep_dir = tmp_path / "runs" / "sweep-tune"
 
-    # 1. start the sweep, kill it (SIGKILL) while its third trial trains
+    # 1. start the sweep, kill it (SIGKILL) as soon as its third trial has started
     proc = subprocess.Popen([sys.executable, "-m", "slimtune", "sweep", str(cfg_path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
-    while not (sweep_dir / "trials" / "trial-0002" / "metrics.jsonl").exists():
+    while not (sweep_dir / "trials" / "trial-0002" / "config.yaml").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline, "the sweep did not reach its third trial"
         time.sleep(0.1)
@@ -174,7 +174,9 @@ def test_sweep_prunes_survives_a_kill_and_writes_a_runnable_best_config(tiny_ber
     pruned = next(t for t in trials if t.state.name == "PRUNED")
     assert pruned.last_step < 4 and pruned.user_attrs["evals"] == pruned.last_step
     check_trials_consistent(trials, sweep_dir)
-    assert json.loads((sweep_dir / "trials" / "trial-0002" / "summary.json").read_text())["status"] == "running"
+    killed = sweep_dir / "trials" / "trial-0002"  # its run folder stays as the kill left it: not finished
+    assert not (killed / "adapter").exists()
+    assert not (killed / "summary.json").exists() or json.loads((killed / "summary.json").read_text())["status"] == "running"
 
     # 3. the sweep folder: table, summary, best config, plots
     rows = (sweep_dir / "trials.csv").read_text().splitlines()

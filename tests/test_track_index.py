@@ -67,6 +67,9 @@ def test_runs_register_themselves_with_metrics_and_cost(root):
     assert a["config_hash"] != t["config_hash"]
     # the sweep's trial is in the output root's index, under its sweep
     assert t["parent"] == "sweep-x" and rows["sweep-x"]["kind"] == "sweep"
+    sweep = rows["sweep-x"]  # the sweep row sums up its runs
+    assert sweep["runs"] == 1 and sweep["status"] == "completed" and sweep["best_accuracy"] == t["best_accuracy"]
+    assert sweep["energy_kwh"] == pytest.approx(t["energy_kwh"])
     assert [r["name"] for r in listed(root, "--sweep", "sweep-x")] == ["trial-1"]
 
 
@@ -79,7 +82,8 @@ def test_list_filters_and_sorts(root):
     lo = min(acc.values())
     kept = {r["name"] for r in listed(root, "--where", f"accuracy>{lo}")}  # a bare metric name means best_<name>
     assert kept == {n for n, v in acc.items() if v > lo}
-    assert {r["name"] for r in listed(root, "--where", "energy_kwh>0", "--where", "test_accuracy>=0")} == {"a", "trial-1"}
+    assert {r["name"] for r in listed(root, "--where", "energy_kwh>0", "--where", "test_accuracy>=0")} == {"a", "trial-1", "sweep-x"}
+    assert {r["name"] for r in listed(root, "--kind", "run", "--where", "energy_kwh>0")} == {"a", "trial-1"}
     # the table view prints the default columns
     res = runner.invoke(app, ["runs", "list", "--root", str(root)])
     assert res.exit_code == 0 and "best_accuracy" in res.output and "kWh" in res.output and "sweep-x" in res.output

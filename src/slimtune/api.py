@@ -93,7 +93,7 @@ def _model_for_task(cfg, task, source, splits, tokenizer, total_steps=None, samp
     method = get_method(cfg.method.name)
     load_kw = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     model, head = task.load_model(cfg, source, splits, **load_kw)
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    if getattr(getattr(model, "config", None), "pad_token_id", None) is None and getattr(tokenizer, "pad_token_id", None) is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     ctx = MethodContext(cfg.task, task.PEFT_TASK_TYPE, head, total_steps, sample_batches)
     model = apply_method(model, cfg.method, ctx)
@@ -158,7 +158,30 @@ def _transfer_callbacks(cfg, model, groups, total_steps, steps_per_epoch, seq_le
         lr_fn = staged.lr_factor
     if t.seq_len_schedule:
         cbs.append(SeqLenWarmup(t.seq_len_schedule, total_steps, seq_len))
+    if t.image_size_schedule and cfg.task == "image-classification":
+        from .train.transfer import ProgressiveResize
+
+        cbs.append(ProgressiveResize(t.image_size_schedule, total_steps, seq_len))
     return cbs, lr_fn
+
+
+def _resolve_model(cfg):
+    if cfg.model.factory:
+        from .models.factory import factory_source
+
+        return factory_source(cfg.model.factory)
+    return resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+
+
+def _load_processor(task, cfg, source):
+    """The tokenizer (text), or the task's own preprocessor (images)."""
+    if hasattr(task, "load_processor"):
+        return task.load_processor(cfg, source)
+    return load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+
+
+def _lengths(examples) -> list[int]:
+    return [e["length"] if "length" in e else len(e["input_ids"]) for e in examples]
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -199,8 +222,8 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
 
     # data first: every data error shows before a model is loaded
     splits = task.load_data(cfg)
-    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
-    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+    source = _resolve_model(cfg)
+    tokenizer = _load_processor(task, cfg, source)
     features = task.featurize(cfg, tokenizer, splits)
     _print_report(acc, splits.report)
 
@@ -223,12 +246,14 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     tracking = RunTracking(cfg, rd, acc, resumed=resume is not None)  # index, cost, energy / CO2, MLflow / TensorBoard
 
     train_ex = features["train"]
-    sampler = LengthGroupedBatches([len(e["input_ids"]) for e in train_ex], cfg.train.batch_size, cfg.train.seed,
+    sampler = LengthGroupedBatches(_lengths(train_ex), cfg.train.batch_size, cfg.train.seed,
                                    cfg.train.group_by_length, acc.num_processes, acc.process_index)
     collate = task.collate(tokenizer)
-    seq_len = {}  # the current max length under train.seq_len_schedule, read by the collate function
+    seq_len = {}  # the current max length (image size) under train.seq_len_schedule (image_size_schedule), read by the collate function
     train_collate = truncating_collate(collate, seq_len, keep_last=cfg.task == "text-classification") \
         if cfg.train.seq_len_schedule else collate
+    if hasattr(task, "train_collate"):  # images: augmentation + progressive resizing
+        train_collate = task.train_collate(tokenizer, seq_len)
     # its own generator: a DataLoader draws a base seed from the global RNG at each epoch, which would
     # shift the dropout stream of a resumed run
     loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=train_collate, generator=torch.Generator())
@@ -267,7 +292,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         cbs.append(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
     progress = TrainProgress(total_steps, enabled=acc.is_main_process and sys.stderr.isatty())
     loop = Loop(accelerator=acc, model=model, optimizer=optimizer, train_loader=loader, sampler=sampler,
-                eval_batches=eval_batches([len(e["input_ids"]) for e in ev], eval_bs), eval_examples=ev,
+                eval_batches=eval_batches(_lengths(ev), eval_bs), eval_examples=ev,
                 collate=collate, task=task, cfg=cfg, run=rd, callbacks=cbs, total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 warmup=warmup_steps(cfg.train.warmup, total_steps), progress=progress,
@@ -312,7 +337,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     status = loop.stop_status  # 'pruned' when a sweep stopped it: no test evaluation
     if "test" in features and status != "pruned":
         test = features["test"]
-        test_metrics = loop.evaluate(test, eval_batches([len(e["input_ids"]) for e in test], eval_bs))
+        test_metrics = loop.evaluate(test, eval_batches(_lengths(test), eval_bs))
         rd.log({"type": "test", "step": state["step"], **{f"test_{k}": v for k, v in test_metrics.items()}})
         acc.print("test  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
         tracking.on_test_end(loop)
@@ -357,14 +382,15 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     cfg = load_config(run_dir / "config.yaml")
     meta = RunDir(run_dir).read_json("meta.json")
     task = get_task(cfg.task)
-    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     from .models import ModelSource
 
-    tokenizer = load_tokenizer(ModelSource(str(adapter), None, None, "folder"), cfg.model.trust_remote_code)
+    saved = meta.get("model_source") or {}
+    source = ModelSource(**saved) if saved.get("origin") == "factory" else _resolve_model(cfg)
+    tokenizer = _load_processor(task, cfg, ModelSource(str(adapter), None, None, "folder"))
     splits = Splits(None, None, None, None, meta=meta)
     base, _ = task.load_model(cfg, source, splits)
-    if getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(base, "config") and getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
     model = load_adapter(base, adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -380,7 +406,7 @@ def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None) -> d
 
     lr = load_run(run_dir)
     cfg, task = lr.cfg, lr.task
-    ds = read_source(data)
+    ds = task.read_eval(cfg, data) if hasattr(task, "read_eval") else read_source(data)
     splits = Splits(None, None, ds, DataReport(), meta=lr.meta, sources={"test": data})
     task.check_eval_data(cfg, splits)
     examples = task.featurize(cfg, lr.tokenizer, splits)["test"]
@@ -391,7 +417,7 @@ def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None) -> d
     import contextlib
 
     parts = eval_parts(lr.model, task, task.collate(lr.tokenizer), examples,
-                       eval_batches([len(e["input_ids"]) for e in examples], bs), device, autocast or contextlib.nullcontext)
+                       eval_batches(_lengths(examples), bs), device, autocast or contextlib.nullcontext)
     wanted = cfg.eval.metrics or task.DEFAULT_METRICS
     metrics = task.compute_metrics(parts, wanted, len(lr.meta.get("labels", [])))
     for w in splits.report.warnings:

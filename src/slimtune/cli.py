@@ -67,6 +67,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
             text: Optional[List[str]] = typer.Option(None, "--text", help="input text (repeatable)"),
             file: Optional[Path] = typer.Option(None, "--file", help="a text file, one input per line"),
+            image: Optional[List[Path]] = typer.Option(None, "--image", help="image-classification: an image file (repeatable)"),
             max_new_tokens: int = typer.Option(64, help="causal-lm: tokens to generate"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")):
     """Labels + probabilities (classification) or generated text (causal-lm)."""
@@ -77,8 +78,9 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
         if not file.is_file():
             _fail(FileNotFoundError(f"{file}: file not found"))
         inputs += [l for l in file.read_text(encoding="utf-8").splitlines() if l.strip()]
+    inputs += [str(p) for p in image or []]
     if not inputs:
-        _fail(ValueError("give --text TEXT (repeatable) or --file FILE"))
+        _fail(ValueError("give --text TEXT (repeatable), --file FILE or --image PATH"))
     try:
         results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens)
     except _user_errors() as e:
@@ -91,7 +93,7 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     if "label" in results[0]:
         table.add_column("text"), table.add_column("label"), table.add_column("score", justify="right")
         for r in results:
-            table.add_row(r["text"], r["label"], f"{r['score']:.3f}")
+            table.add_row(r.get("text", r.get("image")), r["label"], f"{r['score']:.3f}")
     else:
         table.add_column("prompt"), table.add_column("generated")
         for r in results:

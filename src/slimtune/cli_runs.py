@@ -72,6 +72,7 @@ def list_(
     method: Optional[str] = typer.Option(None, help="only this PEFT method"),
     status: Optional[str] = typer.Option(None, help="only this status: completed, running, failed, interrupted, dead, missing"),
     sweep: Optional[str] = typer.Option(None, help="only the runs of this sweep"),
+    kind: Optional[str] = typer.Option(None, help="only runs ('run') or only sweeps ('sweep')"),
     where: Optional[List[str]] = typer.Option(None, "--where", "-w",
                                               help="threshold, repeatable: 'test_accuracy>=0.9', 'energy_kwh<0.01', 'accuracy>0.8' (= best_accuracy)"),
     sort: Optional[str] = typer.Option(None, help="sort by any column (e.g. test_accuracy, energy_kwh, train_seconds); default: newest first"),
@@ -85,7 +86,7 @@ def list_(
 
     rows = _rows(root)
     try:
-        sel = index.select(rows, task=task, model=model, method=method, status=status, sweep=sweep, where=where,
+        sel = index.select(rows, task=task, model=model, method=method, status=status, sweep=sweep, kind=kind, where=where,
                            sort=sort, descending=desc if sort else None)
     except ValueError as e:
         _fail(str(e))

@@ -36,7 +36,7 @@ def sweep_cmd(
     try:
         result = sweep(config, overrides, workers=workers, name=name, storage=storage, trials=trials,
                        timeout_minutes=timeout_minutes, plots=not no_plots,
-                       log=lambda s: err.print(s, markup=False, highlight=False))
+                       log=lambda s: err.print(s, markup=False, highlight=False, soft_wrap=True))
     except _errors() as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from .schema import StrictModel
 from .sweep.space import SweepConfig
 from .track.config import TrackConfig
 
-TASKS = ("text-classification", "causal-lm")
+TASKS = ("text-classification", "causal-lm", "image-classification")
 
 
 class ConfigError(ValueError):
@@ -28,15 +28,28 @@ class ConfigError(ValueError):
 
 
 class ModelConfig(StrictModel):
-    name: str = Field(
-        ...,
+    name: str | None = Field(
+        None,
         description="Hugging Face model id, a local folder, or a .gguf file. Well-known ids fall back to "
-        "pip-packaged offline copies when the Hub cannot be reached.",
+        "pip-packaged offline copies when the Hub cannot be reached. Required unless `factory` is given.",
     )
+    factory: str | None = Field(
+        None, description="image-classification: a function that builds your own torch.nn.Module, "
+        "'package.module:function' or 'path/file.py:function', called with num_labels, labels and factory_args")
+    factory_args: dict = Field(default_factory=dict, description="keyword arguments for the factory")
     gguf_file: str | None = Field(None, description="GGUF file name inside the folder `name` (or give the file path as `name`)")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless you trust it")
     max_length: int = Field(256, ge=8, description="sequences are truncated to this many tokens")
+
+    @model_validator(mode="after")
+    def _name_or_factory(self):
+        if (self.name is None and self.factory is None) or (self.factory and self.name not in (None, self.factory)):
+            raise ValueError("model.name: required key is missing; give model.name (Hub id, folder, .gguf) "
+                             "or model.factory (module:function), not both")
+        if self.name is None:
+            self.name = self.factory  # run names, summaries and the index show the factory
+        return self
 
 
 class DataConfig(StrictModel):
@@ -49,7 +62,13 @@ class DataConfig(StrictModel):
     test: str | None = Field(None, description="test data, evaluated once with the best checkpoint at the end")
     text_column: str = Field("text", description="column with the input text")
     text_pair_column: str | None = Field(None, description="optional second text column (sentence pairs)")
-    label_column: str = Field("label", description="column with the class label (text-classification)")
+    label_column: str = Field("label", description="column with the class label (text- and image-classification)")
+    image_column: str = Field("image", description="image-classification: column with image paths (relative to the "
+                              "file's folder) or a `datasets` image column")
+    bad_images: Literal["fail", "skip"] = Field("fail", description="unreadable or truncated images: fail naming them, "
+                                                "or skip them with a count in the data report")
+    label_names: list[str] | None = Field(None, description="names of integer labels 0..N-1 (idx / npz files), e.g. "
+                                          "Fashion-MNIST's classes")
     format: Literal["auto", "text", "chat", "instruction"] = Field(
         "auto",
         description="causal-lm record format: 'text' (plain text, packed into blocks), 'chat' (a messages "
@@ -122,6 +141,24 @@ class TrainConfig(StrictModel):
         None, description="sequence-length warm-up: [[fraction of training, max tokens], ...] starting at 0.0, "
         "e.g. [[0.0, 32], [0.5, 64]]; sequences are cut to the current length (the final length is model.max_length)")
 
+    image_size_schedule: list[tuple[float, int]] | None = Field(
+        None, description="progressive resizing (images): [[fraction of training, image size], ...] starting at 0.0, "
+        "e.g. [[0.0, 64], [0.5, 96], [0.8, 128]]; evaluation uses the final size (image.size)")
+
+    @field_validator("image_size_schedule")
+    @classmethod
+    def _check_size_sched(cls, v):
+        if v is None:
+            return v
+        if not v or v[0][0] != 0.0:
+            raise ValueError("must start with an entry at fraction 0.0, e.g. [[0.0, 64], [0.5, 96]]")
+        fr = [a for a, _ in v]
+        if any(not 0 <= a < 1 for a in fr) or fr != sorted(fr) or len(set(fr)) != len(fr):
+            raise ValueError(f"fractions {fr} must be increasing and in [0, 1)")
+        if any(b < 8 for _, b in v):
+            raise ValueError("sizes must be at least 8 pixels")
+        return v
+
     @field_validator("seq_len_schedule")
     @classmethod
     def _check_seq_sched(cls, v):
@@ -152,6 +189,18 @@ class EvalConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1, description="eval batch size (default 2x train batch size)")
 
 
+class ImageConfig(StrictModel):
+    size: int | None = Field(None, ge=8, description="final image size (square; default: the model's preprocessor config, else 224)")
+    mean: list[float] | None = Field(None, description="normalisation mean per channel (default: the model's preprocessor config, else ImageNet)")
+    std: list[float] | None = Field(None, description="normalisation std per channel (default: as mean)")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="evaluation: resize to size / crop_pct, then centre-crop (default 1.0: resize only)")
+    resample: Literal["nearest", "bilinear", "bicubic"] | None = Field(None, description="resize filter (default bilinear)")
+    hflip: bool = Field(False, description="training: random horizontal flips")
+    random_crop: float | None = Field(None, gt=0, le=1, description="training: random resized crop with at least this share of the area")
+    rotate: float = Field(0.0, ge=0, le=180, description="training: random rotation up to +- this many degrees")
+    color_jitter: float = Field(0.0, ge=0, lt=1, description="training: brightness and contrast scaled by 1 +- this")
+
+
 class OutputConfig(StrictModel):
     dir: str = Field("runs", description="root folder of run folders")
     name: str | None = Field(None, description="run folder name (default: <task>-<model>-<time>)")
@@ -159,12 +208,13 @@ class OutputConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    task: Literal["text-classification", "causal-lm"] = Field(..., description="what the model learns to do")
+    task: Literal["text-classification", "causal-lm", "image-classification"] = Field(..., description="what the model learns to do")
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = Field(default_factory=LoraConfig, description="PEFT method and its options")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig, description="image-classification: preprocessing and augmentation")
     output: OutputConfig = Field(default_factory=OutputConfig)
     track: TrackConfig = Field(default_factory=TrackConfig, description="run index, energy / CO2, MLflow / TensorBoard")
     sweep: SweepConfig | None = Field(None, description="hyperparameter search space and budget for `slimtune sweep` "
@@ -192,7 +242,7 @@ class RunConfig(StrictModel):
     # resolved defaults ---------------------------------------------------
     @property
     def monitor(self) -> str:
-        return self.eval.monitor or ("accuracy" if self.task == "text-classification" else "loss")
+        return self.eval.monitor or ("accuracy" if self.task in ("text-classification", "image-classification") else "loss")
 
     @property
     def higher_is_better(self) -> bool:

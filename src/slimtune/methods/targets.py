@@ -43,14 +43,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def _pointwise_conv(mod: nn.Module) -> bool:
+    """A 1x1 convolution: the linear layer of a CNN (ResNet bottlenecks, EfficientNet / MobileNet
+    expand and project convolutions); peft's LoRA wraps nn.Conv2d."""
+    return isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and mod.groups == 1
+
+
 def block_linear_names(model: nn.Module, exclude=()) -> list[str]:
-    """Names (relative to one block) of the linear layers inside the blocks."""
+    """Names (relative to one block) of the linear layers (and 1x1 convolutions) inside the blocks."""
     _, blocks = find_blocks(model)
     linear = _linear_types()
     names: set[str] = set()
     for block in blocks:
         for name, mod in block.named_modules():
-            if isinstance(mod, linear) and name and name.split(".")[-1] not in exclude:
+            if (isinstance(mod, linear) or _pointwise_conv(mod)) and name and name.split(".")[-1] not in exclude:
                 names.add(name)
     return sorted(names)
 

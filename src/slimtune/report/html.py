@@ -27,6 +27,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .scroll{overflow-x:auto}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px;align-items:start}
 figure{margin:0}
+figure.wide{grid-column:1/-1}
 figure img{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{font-size:12px;color:#57606a;margin-top:4px}
 pre{background:#f6f8fa;padding:10px 12px;overflow:auto;font-size:12px;border-radius:6px;margin:0}
@@ -96,10 +97,11 @@ def kv_table(pairs: list[tuple[str, object]]) -> str:
     return f'<div class="scroll"><table><tbody>{rows}</tbody></table></div>'
 
 
-def figure(uri: str | None, caption: str, alt: str) -> str:
+def figure(uri: str | None, caption: str, alt: str, wide: bool = False) -> str:
     if not uri:
         return ""
-    return f'<figure><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(caption)}</figcaption></figure>'
+    cls = ' class="wide"' if wide else ""
+    return f'<figure{cls}><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(caption)}</figcaption></figure>'
 
 
 def section(title: str, body: str, anchor: str | None = None) -> str:
@@ -179,7 +181,8 @@ def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = Non
 
     curves = "".join([
         figure(plots.loss_curves(recs, fmt_img), "training loss (logged every train.log_every steps) and eval loss", "loss curves"),
-        figure(plots.metric_curves(recs, fmt_img), "eval metrics per evaluation; the star marks the best checkpoint, the dashed line the test score", "metric curves"),
+        figure(plots.metric_curves(recs, fmt_img), "eval metrics per evaluation; the star marks the best checkpoint, the dashed line the test score",
+               "metric curves", wide=len([n for n in plots.eval_metric_names(recs) if n != "loss"]) > 1),
         figure(plots.lr_schedule(recs, fmt_img), "learning rate of each optimizer parameter group", "learning-rate schedule"),
     ])
     cm = ""

@@ -182,6 +182,13 @@ def range_config(base: dict, steps: int, start_lr: float, out_dir: str) -> dict:
     d["test"] = None
     d["max_eval_samples"] = min(d.get("max_eval_samples") or 64, 64)
     data["output"] = {**(data.get("output") or {}), "dir": out_dir, "name": "lr-find", "save_checkpoints": False}
+    from ..config import RunConfig
+
+    track = RunConfig.model_fields.get("track")  # the throwaway run is not indexed, measured or logged anywhere
+    fields = getattr(track.annotation, "model_fields", {}) if track is not None else {}
+    off = {k: False for k in ("index", "energy", "mlflow", "tensorboard") if k in fields}
+    if off:
+        data["track"] = {**(data.get("track") or {}), **off}
     return data
 
 

@@ -65,7 +65,10 @@ def write_plots(study, sweep_dir: Path, metric: str) -> dict[str, str]:
     def intermediate():
         if not with_steps:
             raise ValueError("no trial reported an evaluation")
-        return ovm.plot_intermediate_values(study)
+        ax = ovm.plot_intermediate_values(study)
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel(metric)
+        return ax
 
     plots = {
         "history": needs_complete(lambda: ovm.plot_optimization_history(study, target_name=metric)),

@@ -163,6 +163,10 @@ def _run_processes(plan: dict, workers: int, sweep_dir: Path, log) -> None:
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
+        # Ctrl-C in a terminal reaches the workers too; forward it only to those still running after a while
+        deadline = time.time() + 10
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.2)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

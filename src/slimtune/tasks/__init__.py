@@ -9,6 +9,10 @@
     compute_metrics(parts, wanted) -> dict
     count(batch) -> (samples, tokens)            for throughput
     predict(model, tokenizer, inputs, meta, **kw)
+
+Optional (image-classification has them): load_processor(cfg, source) instead of the tokenizer,
+train_collate(processor, holder) for augmented / resized training batches, read_eval(cfg, source)
+for `slimtune eval`; examples may carry a `length` instead of `input_ids`.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import importlib
 TASK_MODULES = {
     "text-classification": "slimtune.tasks.text_classification",
     "causal-lm": "slimtune.tasks.causal_lm",
+    "image-classification": "slimtune.tasks.image_classification",
 }
 
 

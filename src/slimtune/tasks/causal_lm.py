@@ -185,7 +185,7 @@ def collate(tokenizer):
 
 
 def count(batch) -> tuple[int, int]:
-    return batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+    return batch["input_ids"].shape[0], batch["attention_mask"].sum()  # a tensor: read at log time
 
 
 def eval_step(model, batch) -> dict:

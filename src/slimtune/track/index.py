@@ -312,7 +312,34 @@ def rows(root, refresh: bool = True) -> list[dict]:
         if r["path"] in problems:
             d["status"], d["problem"] = "damaged", problems[r["path"]]
         out.append(d)
+    _sum_sweeps(out)
     return out
+
+
+def _sum_sweeps(all_rows: list[dict]) -> None:
+    """A sweep row shows its runs: how many, the best value of their monitor, and what they cost together."""
+    for s in (r for r in all_rows if r["kind"] == "sweep"):
+        kids = [r for r in all_rows if r["parent_key"] == s["key"]]
+        s["runs"] = len(kids)
+        if not kids:
+            continue
+        if not s["status"] or (s["status"] == "missing" and any(k["exists"] for k in kids)):
+            live = {k["status"] for k in kids}
+            s["status"] = "running" if "running" in live else "completed" if live == {"completed"} else "finished"
+            s["problem"] = None
+        for col in ("train_seconds", "energy_kwh", "co2_kg"):
+            if s.get(col) is None:
+                vals = [k[col] for k in kids if isinstance(k.get(col), (int, float))]
+                s[col] = sum(vals) if vals else None
+        monitors = {k["monitor"] for k in kids if k.get("monitor")}
+        if len(monitors) == 1:
+            (m,) = monitors
+            lower = m in ("loss", "perplexity")
+            for part in ("best", "test"):
+                vals = [k[f"{part}_{m}"] for k in kids if isinstance(k.get(f"{part}_{m}"), (int, float))]
+                if vals and s.get(f"{part}_{m}") is None:
+                    s[f"{part}_{m}"] = min(vals) if lower else max(vals)
+            s["monitor"] = m
 
 
 def find(root, ref: str, all_rows: list[dict] | None = None) -> dict:

@@ -29,6 +29,9 @@ from .runinfo import config_hash
 from .trackers import MISSING, open_sinks, safe_call
 
 
+TOKEN_TASKS = ("text-classification", "causal-lm")  # where training FLOPs ~ tokens x matmul weights
+
+
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -157,7 +160,9 @@ class RunTracking:
         st = loop.state if loop is not None else {}
         cost = {**clock, "train_seconds": st.get("train_seconds"), **peak_memory(),
                 "samples_seen": st.get("samples"), "tokens_seen": st.get("tokens")}
-        if loop is not None:
+        if loop is not None and self.cfg.task not in TOKEN_TASKS:  # images: conv / patch FLOPs are not tokens x weights
+            cost.update(flops=None, flops_formula=f"not estimated for {self.cfg.task} (the formula counts text tokens)")
+        elif loop is not None:
             n, n_train = matmul_params(self.acc.unwrap_model(loop.model))
             cost.update(flops=training_flops(n, n_train, st.get("tokens") or 0), flops_formula=FLOPS_FORMULA,
                         matmul_params=n, matmul_params_trainable=n_train)

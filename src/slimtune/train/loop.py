@@ -84,10 +84,11 @@ class Loop:
                     with ctx, self.acc.autocast():
                         loss = self.model(**batch).loss
                     self.acc.backward(loss / in_group)
+                    # tensors, not Python numbers: no host sync per micro-batch (it stalls a GPU)
                     samples, tokens = self.task.count(batch)
-                    window["loss"] += float(loss.detach()) / in_group
+                    window["loss"] = window["loss"] + loss.detach().float() / in_group
                     window["samples"] += samples
-                    window["tokens"] += tokens
+                    window["tokens"] = window["tokens"] + tokens
                     if not sync:
                         continue
                     self._optimizer_step()
@@ -132,10 +133,10 @@ class Loop:
     def _log_train(self, window: dict) -> None:
         st = self.state
         n_proc = self.acc.num_processes
-        loss = torch.tensor(window["loss"] / max(1.0, window["steps"]), device=self.acc.device)
+        loss = torch.as_tensor(window["loss"] / max(1.0, window["steps"]), dtype=torch.float32).to(self.acc.device)
         loss = float(self.acc.reduce(loss, "mean")) if n_proc > 1 else float(loss)
         st["samples"] += int(window["samples"]) * n_proc
-        st["tokens"] += int(window["tokens"]) * n_proc
+        st["tokens"] += int(window["tokens"]) * n_proc  # the one host sync of the window
         secs = max(st["train_seconds"], 1e-9)
         rec = {
             "type": "train", "step": st["step"], "epoch": round(st["step"] / self.steps_per_epoch, 4), "loss": loss,

@@ -99,6 +99,23 @@ class SeqLenWarmup:
     on_step_end = _apply
 
 
+class ProgressiveResize:
+    """fastai's progressive resizing: small images first, growing to the final size on the schedule
+    (the same pure step function as the sequence-length warm-up); the image collate reads holder['size']."""
+
+    def __init__(self, schedule, total_steps: int, holder: dict):
+        self.schedule = sorted((float(a), int(b)) for a, b in schedule)
+        self.total = total_steps
+        self.holder = holder
+
+    def _apply(self, loop) -> None:
+        self.holder["size"] = seq_len_at(self.schedule, loop.state["step"] / self.total)
+        loop.log_extras["image_size"] = self.holder["size"]
+
+    on_train_begin = _apply
+    on_step_end = _apply
+
+
 def truncating_collate(collate, holder: dict, keep_last: bool):
     """Cut examples to holder['max_len'] before padding; `keep_last` keeps a final [SEP] / EOS."""
 

