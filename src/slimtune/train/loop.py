@@ -113,6 +113,8 @@ class Loop:
             st["stopped"] = stop.reason
             self.stop_status = stop.status
             self.acc.print(stop.reason)
+        if window["steps"]:  # steps since the last log (early stop, pruning): count their samples and tokens too
+            self._log_train(window)
         if st["last_eval_step"] != st["step"]:
             self.evaluate_and_checkpoint()
         fire(self.callbacks, "on_train_end", self)
