@@ -515,17 +515,7 @@ def child_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def write_subset(src: Path, dst: Path, n: int | None) -> int:
-    """Header + the first n data rows (all when n is None), byte for byte."""
-    with src.open("r", encoding="utf-8") as f, dst.open("w", encoding="utf-8") as g:
-        g.write(f.readline())
-        k = 0
-        for line in f:
-            if n is not None and k >= n:
-                break
-            g.write(line)
-            k += 1
-    return k
+from _common import write_subset  # noqa: E402  (shared with the other benchmarks)
 
 
 def _fmt(v, nd=1):

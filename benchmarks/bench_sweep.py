@@ -263,16 +263,7 @@ CHILDREN = {"pruned": child_pruned, "unpruned": child_unpruned, "hf": child_hf, 
 
 # -- parent --------------------------------------------------------------------------------
 
-def write_subset(src: Path, dst: Path, n: int | None) -> int:
-    with src.open(encoding="utf-8") as f, dst.open("w", encoding="utf-8") as g:
-        g.write(f.readline())
-        k = 0
-        for line in f:
-            if n is not None and k >= n:
-                break
-            g.write(line)
-            k += 1
-    return k
+from _common import write_subset  # noqa: E402  (shared with the other benchmarks)
 
 
 def machine() -> dict:

@@ -190,16 +190,7 @@ def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
     return busy
 
 
-def write_subset(src: Path, dst: Path, n: int | None) -> int:
-    with src.open(encoding="utf-8") as f, dst.open("w", encoding="utf-8") as g:
-        g.write(f.readline())
-        k = 0
-        for line in f:
-            if n is not None and k >= n:
-                break
-            g.write(line)
-            k += 1
-    return k
+from _common import write_subset  # noqa: E402  (shared with the other benchmarks)
 
 
 def main(argv=None) -> int:
