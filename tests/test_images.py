@@ -303,3 +303,33 @@ def test_progressive_resize_callback_sets_the_size():
         loop.state["step"] = step
         cb.on_step_end(loop)
     assert seen == [16, 16, 16, 16, 24, 24, 32, 32] and loop.log_extras["image_size"] == 32
+
+
+def test_augmentations_depend_on_seed_epoch_and_index_only(tmp_path):
+    """A resumed run must draw the same crops and flips as an uninterrupted one: the draws of an
+    example are a function of (seed, epoch, index), not of an RNG stream that a checkpoint would lose."""
+    from slimtune.data.batching import LengthGroupedBatches
+    from slimtune.data.transforms import Augment, ImageSpec
+    from slimtune.tasks.image_classification import ImageProcessor, train_collate
+
+    imgs = [str(p) for p in sorted(write_image_folder(tmp_path / "imgs", 2).rglob("*.png"))]
+    ex = [{"image": p, "labels": 0, "length": 1, "index": i} for i, p in enumerate(imgs)]
+    spec = ImageSpec(size=12, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                     augment=Augment(hflip=True, random_crop=0.5, rotate=10, color_jitter=0.2))
+
+    def batch(epoch, examples, seed=0):
+        holder = {}
+        sampler = LengthGroupedBatches([1] * len(ex), 4, seed)
+        sampler.shared = holder
+        sampler.set_epoch(epoch)  # what the training loop does before each epoch
+        return train_collate(ImageProcessor(spec, seed), holder)(examples)["pixel_values"]
+
+    first = batch(1, ex[:4])
+    assert torch_equal(first, batch(1, ex[:4]))              # a fresh process (a resume) draws the same
+    assert torch_equal(first[2:], batch(1, ex[2:4]))          # independent of the batch's other examples
+    assert not torch_equal(first, batch(2, ex[:4]))           # another epoch, other draws
+    assert not torch_equal(first, batch(1, ex[:4], seed=1))   # another seed, other draws
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())

@@ -45,8 +45,8 @@ def test_vit_progressive_resizing_cli_predict_eval(tmp_path):
 
     real_batch = ic._batch
 
-    def spy(examples, processor, size, train):
-        b = real_batch(examples, processor, size, train)
+    def spy(examples, processor, size, train, *rest):
+        b = real_batch(examples, processor, size, train, *rest)
         seen_shapes.append((train, tuple(b["pixel_values"].shape[-2:])))
         return b
 
@@ -176,6 +176,23 @@ def test_factory_model(tmp_path, method, monkeypatch):
     monkeypatch.chdir(ROOT)  # the run folder works from elsewhere
     ev = slimtune.evaluate(res.run_dir, str(np_path))
     assert ev["accuracy"] == pytest.approx(res.summary["final"]["accuracy"], abs=0.35)
+    if method != "lora":
+        return
+    # merge: the factory's module rebuilt from slimtune_model.json + model.safetensors gives the adapter's outputs
+    from safetensors.torch import load_file
+
+    from slimtune.models.factory import _import
+
+    out = slimtune.merge(res.run_dir, tmp_path / "merged")
+    info = json.loads((out / "slimtune_model.json").read_text())
+    assert info["factory"].endswith("mynet.py:build") and info["num_labels"] == 4
+    rebuilt = _import(info["factory"])(num_labels=info["num_labels"], labels=info["labels"], **info["factory_args"])
+    rebuilt.load_state_dict(load_file(str(out / "model.safetensors")))
+    px = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = slimtune.api.load_run(res.run_dir).model.eval()(pixel_values=px).logits
+        got = rebuilt.eval()(pixel_values=px).logits
+    assert torch.allclose(want, got, atol=1e-4)
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "evaluate", "predict", "load_config", "load_run", "ConfigError", "RunResult"]
+__all__ = ["run", "evaluate", "predict", "merge", "sweep", "lr_find", "load_config", "load_run", "ConfigError", "RunResult"]
 
 
 def __getattr__(name):  # keep `import slimtune` (and `slimtune --help`) fast: torch loads on first use
-    if name in ("run", "evaluate", "predict", "load_run", "RunResult"):
+    if name in ("run", "evaluate", "predict", "merge", "sweep", "lr_find", "load_run", "RunResult"):
         from . import api
 
         return getattr(api, name)

@@ -5,6 +5,7 @@ config -> data checks -> tokenizer -> features -> model + method -> loop -> run 
 """
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
@@ -249,7 +250,10 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     sampler = LengthGroupedBatches(_lengths(train_ex), cfg.train.batch_size, cfg.train.seed,
                                    cfg.train.group_by_length, acc.num_processes, acc.process_index)
     collate = task.collate(tokenizer)
-    seq_len = {}  # the current max length (image size) under train.seq_len_schedule (image_size_schedule), read by the collate function
+    # read by the collate function: the current max length (image size) under train.seq_len_schedule
+    # (image_size_schedule), and the epoch (the sampler writes it; image augmentations are drawn per epoch)
+    seq_len = {}
+    sampler.shared = seq_len
     train_collate = truncating_collate(collate, seq_len, keep_last=cfg.task == "text-classification") \
         if cfg.train.seq_len_schedule else collate
     if hasattr(task, "train_collate"):  # images: augmentation + progressive resizing
@@ -297,6 +301,13 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
                 steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 warmup=warmup_steps(cfg.train.warmup, total_steps), progress=progress,
                 num_labels=len(splits.meta.get("labels", [])), lr_fn=lr_fn)
+    if hasattr(task, "loss_kwargs"):  # causal LM: every token weighs the same in the loss (see causal_lm.loss_kwargs)
+        loop.loss_kwargs = task.loss_kwargs(cfg, acc.unwrap_model(model), train_ex, sampler.per_rank() * acc.num_processes)
+        if loop.loss_kwargs:
+            rd.write_json("loss.json", {"num_items_in_batch": loop.loss_kwargs["num_items_in_batch"],
+                                        "rule": "summed token loss / mean scored tokens per batch over the epoch"})
+    if hasattr(task, "train_loss_fn"):  # causal LM: logits of the scored positions only
+        loop.loss_fn = task.train_loss_fn(cfg, acc.unwrap_model(model), loop.loss_kwargs)
     if resume is not None:
         loop.restore(run_path / "checkpoints" / "last")
         rd.truncate_metrics(loop.state["step"])
@@ -442,9 +453,28 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
     lr = load_run(run_dir, device="cpu")
     merged = merge_adapter(lr.model, Path(run_dir) / "adapter")
     with atomic.folder(out_dir) as tmp:
-        merged.save_pretrained(str(tmp))
+        if hasattr(merged, "save_pretrained"):
+            merged.save_pretrained(str(tmp))
+        else:  # a factory model (model.factory): its weights, and what rebuilds the module around them
+            _save_factory_model(merged, lr, tmp)
         lr.tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+def _save_factory_model(model, lr: LoadedRun, folder: Path) -> None:
+    """`model.safetensors` (the merged state dict) and `slimtune_model.json`: the factory and its
+    arguments, so `build(**args).load_state_dict(load_file("model.safetensors"))` restores the model;
+    no transformers class exists to do it for a user's own module."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    labels = lr.meta.get("labels")
+    info = {"factory": (lr.meta.get("model_source") or {}).get("path") or lr.cfg.model.factory, "factory_args": lr.cfg.model.factory_args, "labels": labels,
+            "num_labels": len(labels) if labels else None, "task": lr.cfg.task,
+            "load": "build(num_labels=..., labels=..., **factory_args).load_state_dict("
+                    "safetensors.torch.load_file('model.safetensors'))"}
+    (folder / "slimtune_model.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
 def sweep(config, overrides: list[str] | None = None, **kwargs):

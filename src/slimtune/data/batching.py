@@ -26,10 +26,13 @@ class LengthGroupedBatches:
         self.mega = mega
         self.epoch = 0
         self.start = 0
+        self.shared: dict | None = None  # set_epoch writes the epoch here too (read by collate functions)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch `epoch`, skipping this process's first `start` batches (resume)."""
         self.epoch, self.start = epoch, start
+        if self.shared is not None:
+            self.shared["epoch"] = epoch
 
     def global_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])

@@ -93,7 +93,12 @@ def build(spec: str, num_labels: int, labels: list[str], factory_args: dict | No
     """(model, head module names) from the user's factory."""
     fn = _import(spec)
     try:
-        model = fn(num_labels=num_labels, labels=list(labels), **(factory_args or {}))
+        # under a fixed seed: weights the factory initialises at random (a backbone without pretrained
+        # weights) come out the same in the run, in `load_run` / `eval` / `predict` and in `merge`; only
+        # the trained tensors are saved with the adapter
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = fn(num_labels=num_labels, labels=list(labels), **(factory_args or {}))
     except Exception as e:
         raise ModelError(f"model.factory {spec!r} failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):

@@ -113,7 +113,13 @@ class ImageProcessor:
     def __init__(self, spec: ImageSpec, seed: int = 0):
         self.spec = spec
         self.state: dict = {}
-        self.rng = random.Random(seed)
+        self.seed = seed
+
+    def example_rng(self, epoch: int, index: int) -> random.Random:
+        """The augmentation draws of one example in one epoch: a function of (seed, epoch, index) only,
+        so a resumed run (or another process, or a DataLoader worker) draws exactly the same crops and
+        flips without any RNG state in the checkpoint."""
+        return random.Random(f"{self.seed}:{epoch}:{index}")
 
     def save_pretrained(self, folder: str) -> None:
         save_spec(self.spec, folder)
@@ -205,13 +211,15 @@ def featurize(cfg, processor, splits: Splits):
         t = getattr(splits, name)
         if t is None:
             continue
-        out[name] = [{"image": r, "labels": label_id.get(y, -1), "length": 1} for r, y in zip(t.refs, t.labels)]
+        out[name] = [{"image": r, "labels": label_id.get(y, -1), "length": 1, "index": i}
+                     for i, (r, y) in enumerate(zip(t.refs, t.labels))]
     return out
 
 
-def _batch(examples, processor, size, train):
+def _batch(examples, processor, size, train, epoch=0):
     spec = processor.spec
-    x = np.stack([to_array(load_image(e["image"]), spec, size, train, processor.rng) for e in examples])
+    x = np.stack([to_array(load_image(e["image"]), spec, size, train, processor.example_rng(epoch, e["index"]) if train else None)
+                  for e in examples])
     return {"pixel_values": torch.from_numpy(x), "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long)}
 
 
@@ -224,7 +232,9 @@ def train_collate(processor, holder: dict | None = None):
     """Training batches: augmentations, and the current size of progressive resizing (holder['size'],
     set by train/transfer.py's ProgressiveResize)."""
     holder = processor.state if holder is None else holder
-    return lambda examples: _batch(examples, processor, holder.get("size") or processor.spec.size, True)
+    # holder["epoch"]: written by the batch sampler's set_epoch (api.run), so augmentations differ per epoch
+    return lambda examples: _batch(examples, processor, holder.get("size") or processor.spec.size, True,
+                                   holder.get("epoch", 0))
 
 
 def count(batch) -> tuple[int, int]:
