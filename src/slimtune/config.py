@@ -122,6 +122,13 @@ class TrainConfig(StrictModel):
         "auto", description="'auto': bf16 autocast where the hardware supports it (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32"
     )
     group_by_length: bool = Field(True, description="batch examples of similar length together (less padding)")
+    scored_logits_only: bool = Field(
+        True, description="causal LM: project to the vocabulary only the positions whose next token is scored "
+        "(responses of chat / instruction data): same loss, less compute")
+    loss_tokens: Literal["epoch", "batch"] = Field(
+        "epoch", description="causal LM: divide a batch's summed token loss by the mean number of scored tokens per "
+        "batch over the epoch ('epoch': every token weighs the same whatever batch it lands in, which length-grouped "
+        "batches need) or by its own count ('batch': the per-batch mean most trainers use)")
     log_every: int = Field(10, ge=1, description="log training loss / lr / throughput every N optimizer steps")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     # transfer-learning techniques (train/groups.py, train/transfer.py)

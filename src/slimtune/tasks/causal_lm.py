@@ -184,6 +184,70 @@ def collate(tokenizer):
     return fn
 
 
+def loss_kwargs(cfg, model, train_examples, batches_per_epoch: int) -> dict:
+    """`num_items_in_batch` for the model's loss: the mean number of scored tokens per batch over an epoch.
+
+    transformers' causal-LM loss divides a batch's summed token loss by this number instead of by the
+    batch's own count. With length-grouped batches that matters: a batch of short responses would
+    otherwise give each of its tokens several times the weight of a token in a batch of long ones
+    (measured on SmolLM2 + ChatterBot chat: per-batch means raised the eval loss); with a constant, every
+    token weighs the same whatever batch it lands in, as in random batches. Off with
+    `train.loss_tokens: batch`, for a sequence-length schedule (the count changes as sequences grow) and
+    for models whose forward takes no extra loss arguments."""
+    import inspect
+
+    if cfg.train.loss_tokens != "epoch" or cfg.train.seq_len_schedule or batches_per_epoch < 1:
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in params):
+        return {}
+    scored = sum(sum(1 for l in ex["labels"][1:] if l != -100) for ex in train_examples)
+    return {"num_items_in_batch": max(1.0, scored / batches_per_epoch)}
+
+
+def train_loss_fn(cfg, model, loss_kwargs: dict):
+    """The training loss computed from the logits of the scored positions only, or None (the model's own loss).
+
+    A causal LM's output layer is a large share of its compute (SmolLM2-135M: a 576 x 49,152 matrix,
+    ~20% of the forward FLOPs, and a fp32 softmax over 49k classes per token), yet chat and instruction
+    data score only the response tokens. transformers' `logits_to_keep` takes the positions to project;
+    we pass the positions whose next token is scored in any row of the batch and compute the same
+    cross-entropy on them (same sum, same divisor). It goes through the model's own forward (so DDP,
+    autocast and peft wrappers see a normal call). Not used for prompt-learning methods (their virtual
+    tokens shift positions) or models whose forward lacks `logits_to_keep`."""
+    import inspect
+
+    if not cfg.train.scored_logits_only:
+        return None
+    peft_cfg = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return None
+    except (TypeError, ValueError):
+        return None
+    divisor = loss_kwargs.get("num_items_in_batch")
+
+    def loss_fn(model, batch):
+        labels = batch["labels"]
+        target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts token p + 1
+        keep = (target != -100).any(0)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, logits_to_keep=keep).logits
+        target = target[:, keep]
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+        return loss / (divisor if divisor is not None else (target != -100).sum().clamp(min=1))
+
+    return loss_fn
+
+
 def count(batch) -> tuple[int, int]:
     return batch["input_ids"].shape[0], batch["attention_mask"].sum()  # a tensor: read at log time
 
@@ -192,13 +256,17 @@ def eval_step(model, batch) -> dict:
     labels = batch["labels"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, logits.shape[1] - labels.shape[1]:]  # prompt-learning methods prepend virtual tokens
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    tok_loss = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=-100
-    )
+    mask = shift_labels != -100
+    # Only the scored positions are upcast to fp32: chat data scores the assistant tokens alone, and a
+    # full fp32 copy of (batch, seq, vocab) logits is the largest allocation of an eval step (8 x 128 x
+    # 49k vocab = 200 MB for SmolLM2).
+    picked = logits[:, :-1][mask].float()
+    tok_loss = torch.nn.functional.cross_entropy(picked, shift_labels[mask], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(mask)[mask]
+    loss_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add_(0, rows, tok_loss)
     # per-example sums, so gather_for_metrics drops the padding duplicates of the last batch correctly
-    return {"loss_sum": tok_loss.sum(1), "tokens": (shift_labels != -100).sum(1).float()}
+    return {"loss_sum": loss_sum, "tokens": mask.sum(1).float()}
 
 
 def compute_metrics(parts: dict, wanted, num_labels=None) -> dict:

@@ -47,6 +47,8 @@ class Loop:
         # lr multiplier as a function of the step; staged fine-tuning brings its own
         self.lr_fn = lr_fn or (lambda step: lr_factor(step, self.total_steps, self.warmup, self.cfg.train.schedule))
         self.log_extras: dict = {}  # callbacks add what they change (trainable groups, sequence length)
+        self.loss_kwargs: dict = {}  # extra forward arguments for the training loss (num_items_in_batch)
+        self.loss_fn = None  # (model, batch) -> training loss, where the task computes it itself
         self.monitor = cfg.monitor
         self.higher = cfg.higher_is_better
         self.wanted = cfg.eval.metrics or task.DEFAULT_METRICS
@@ -82,7 +84,8 @@ class Loop:
                     batch = _to(batch, self.acc.device)
                     ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
                     with ctx, self.acc.autocast():
-                        loss = self.model(**batch).loss
+                        loss = (self.loss_fn(self.model, batch) if self.loss_fn is not None
+                                else self.model(**batch, **self.loss_kwargs).loss)
                     self.acc.backward(loss / in_group)
                     # tensors, not Python numbers: no host sync per micro-batch (it stalls a GPU)
                     samples, tokens = self.task.count(batch)
