@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, run_result_child, versions  # noqa: E402
 
 VARIANTS = {
     "lora": {},
@@ -66,6 +67,9 @@ def main():
     ap.add_argument("--datasets", default="sst2,banking77")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None)
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each run wait up to S seconds until other processes use < 0.3 cores")
+    ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "bench_transfer.json"))
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} not found (the shared datasets folder is not part of the repository)")
@@ -81,14 +85,16 @@ def main():
             for seed in args.seeds.split(","):
                 cmd = [sys.executable, __file__, "--child", f"{ds}:{variant}:{seed}", "--out", out,
                        "--sst2-train", str(args.sst2_train), "--banking-train", str(args.banking_train)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{ds} {variant} {seed} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+                row, err = run_result_child(cmd, args.wait_quiet)
+                if row is None:
+                    print(f"{ds} {variant} {seed} failed:\n{err[-2000:]}", file=sys.stderr)
                     continue
-                rows.append(json.loads(line[7:]))
+                rows.append(row)
                 print(rows[-1], file=sys.stderr, flush=True)
-    Path(out, "bench_transfer.json").write_text(json.dumps(rows, indent=2))
+    record = {"machine": machine(), "versions": versions(), "args": {k: v for k, v in vars(args).items() if k != "child"},
+              "rows": rows}
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result).write_text(json.dumps(record, indent=2))
     print(f"\nall-MiniLM-L6-v2 + LoRA r8, max_length 64, batch 32, seeds {args.seeds}; SST-2: {args.sst2_train} train, "
           f"1 epoch, lr 1e-3, test = GLUE dev (872); Banking77: {args.banking_train} train, 3 epochs, lr 3e-3, test 3,080\n")
     print("| dataset | variant | test acc mean | std | min | max | train s (mean) |")

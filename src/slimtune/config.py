@@ -112,7 +112,8 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="number of optimizer steps; overrides epochs")
     batch_size: int = Field(16, ge=1, description="examples per device per forward pass")
     grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW); when not set, the method's default: 5e-4 for "
+                      "the LoRA family, larger for vector / probe methods, smaller for full fine-tuning (README, Methods)")
     schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="learning-rate decay after warmup")
     warmup: float = Field(0.06, ge=0, description="warmup: a fraction of all steps if < 1, else a number of steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms)")
@@ -134,15 +135,21 @@ class TrainConfig(StrictModel):
     # transfer-learning techniques (train/groups.py, train/transfer.py)
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise lr decay (BEiT / ELECTRA): the head gets lr, the top block lr*d, "
-        "each group below d times the one above, down to the embeddings")
+        "each group below d times the one above, down to the embeddings. Off by default: with LoRA on MiniLM it did not "
+        "help (Banking77 -0.1 pt, SST-2 1 epoch -10 pt and unstable; benchmarks/RESULTS.md, bench_transfer)")
     lr_ratio_min: float | None = Field(
         None, gt=0, le=1, description="discriminative learning rates (fastai slice(lo, hi)): a geometric spread from "
-        "lr*lr_ratio_min (embeddings) to lr (head) over the parameter groups")
+        "lr*lr_ratio_min (embeddings) to lr (head) over the parameter groups. Off by default (like layer_decay, it lowers "
+        "the rate of the lower adapters, which short LoRA runs did not benefit from)")
     head_lr: float | None = Field(None, gt=0, description="the head's own learning rate (default: train.lr)")
-    unfreeze: UnfreezeConfig | None = Field(None, description="gradual unfreezing (ULMFiT); off when null")
+    unfreeze: UnfreezeConfig | None = Field(
+        None, description="gradual unfreezing (ULMFiT); off when null. Off by default: with LoRA on MiniLM it cost "
+        "accuracy at the budgets measured (SST-2 -14 pt, Banking77 -1.3 pt; benchmarks/RESULTS.md, bench_transfer); "
+        "it was made for long full fine-tuning of language models")
     strategy: Literal["standard", "staged"] = Field(
         "standard", description="'staged': the head alone first (train.staged), then everything the method trains, "
-        "each stage with its own warmup and decay (fastai fine_tune)")
+        "each stage with its own warmup and decay (fastai fine_tune). Not the default: it matched plain LoRA on SST-2 "
+        "(-0.4 pt) and gained +1.5 pt on Banking77, within the seed spread (benchmarks/RESULTS.md, bench_transfer)")
     staged: StagedConfig = Field(default_factory=lambda: StagedConfig())
     seq_len_schedule: list[tuple[float, int]] | None = Field(
         None, description="sequence-length warm-up: [[fraction of training, max tokens], ...] starting at 0.0, "
@@ -233,6 +240,17 @@ class RunConfig(StrictModel):
         if isinstance(v, dict) and "name" not in v:
             return {"name": "lora", **v}  # `method: {r: 16}` means LoRA
         return v
+
+    @model_validator(mode="after")
+    def _method_default_lr(self):
+        """No `train.lr` in the config: the method's own default (methods/*.py `default_lr`)."""
+        if "lr" not in self.train.model_fields_set:
+            from .methods import REGISTRY
+
+            lr = REGISTRY[self.method.name].default_lr
+            if lr is not None:
+                self.train.lr = lr
+        return self
 
     @model_validator(mode="after")
     def _check_metrics(self):
