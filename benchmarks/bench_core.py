@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -64,7 +63,7 @@ SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05}
-SEED = 42
+SEED = int(os.environ.get("SLIMTUNE_BENCH_SEED", "42"))  # --seeds sets it per repeat
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 
@@ -452,70 +451,8 @@ def run_child(variant: str, plan_path: str, result_path: str) -> int:
 # parent
 # ---------------------------------------------------------------------------------------------
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("slimtune", "torch", "transformers", "peft", "accelerate", "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["avx512_bf16"] = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-        info["cuda"] = torch.cuda.is_available()
-    except ImportError:
-        pass
-    return info
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(vals) - vals[3] - vals[4], sum(vals)
-
-
-def busy_cores(seconds: float = 2.0) -> float | None:
-    """CPU cores kept busy by all processes over the next `seconds` (this one sleeps meanwhile)."""
-    try:
-        b0, t0 = _cpu_jiffies()
-        time.sleep(seconds)
-        b1, t1 = _cpu_jiffies()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
-
-
-def wait_until_quiet(max_wait: float, threshold: float = 0.3) -> tuple[float, float | None]:
-    """Wait (up to max_wait s) until other processes use < threshold cores; (seconds waited, busy cores)."""
-    t0 = time.perf_counter()
-    busy = busy_cores()
-    while busy is not None and busy >= threshold and time.perf_counter() - t0 < max_wait:
-        busy = busy_cores(5.0)
-    return time.perf_counter() - t0, busy
-
-
-def child_cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-from _common import write_subset  # noqa: E402  (shared with the other benchmarks)
+from _common import (_cpu_jiffies, busy_cores, child_cpu_seconds, machine, versions,  # noqa: E402
+                     wait_until_quiet, write_subset)  # (shared with the other benchmarks)
 
 
 def _fmt(v, nd=1):
@@ -542,7 +479,10 @@ def summarize(results: dict, jobs: list[str]) -> tuple[str, dict]:
             row = (f"| {v} | {_fmt(r[key + '_median'])} | {', '.join(_fmt(x) for x in r[key + '_all'])} | "
                    f"{_fmt(r['train_seconds'], 2)} | {r['steps']} | {_fmt(r['peak_rss_train_mb'], 0)} | {r['trainable_params']:,} | "
                    f"{_fmt(r.get('other_cores_during'), 2)} | ")
-            row += f"{r[q[0]] * 100:.2f} |" if job == "cls" else f"{r[q[0]]:.4f} |"
+            sd = r.get(q[0] + "_sd")
+            n_q = len(r.get(q[0] + "_all") or [1])
+            spread = f" ± {sd * (100 if job == 'cls' else 1):.{2 if job == 'cls' else 4}f} (sd, {n_q} seeds)" if n_q > 1 else ""
+            row += (f"{r[q[0]] * 100:.2f}{spread} |" if job == "cls" else f"{r[q[0]]:.4f}{spread} |")
             if job == "cls":
                 row += f" {r['dev_accuracy'] * 100:.2f} |"
             lines.append(row)
@@ -589,6 +529,8 @@ def main(argv=None) -> int:
     ap.add_argument("--retries", type=int, default=0,
                     help="rerun a disturbed variant up to this many times and keep its least disturbed run")
     ap.add_argument("--repeats", type=int, default=1, help="run each variant this many times (interleaved); median throughput")
+    ap.add_argument("--seeds", default="42", help="comma list of seeds, used in turn by the repeats (quality: the mean "
+                                                 "over repeats; with one seed, repeats only repeat the timing)")
     ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS", str(DEFAULT_DATASETS)))
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_core[_quick].json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -644,16 +586,17 @@ def main(argv=None) -> int:
         src = ROOT / "src"
         if src.is_dir():
             env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
-        order = [f"{j}/{v}" for _ in range(args.repeats) for j in jobs for v in variants]
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        order = [(f"{j}/{v}", seeds[k % len(seeds)]) for k in range(args.repeats) for j in jobs for v in variants]
         runs: dict[str, list[dict]] = {}
         load = {"start": os.getloadavg()}
         print(f"machine: {machine()}\nversions: {versions()}\nload average at start: {load['start']}\nplan: "
               f"{json.dumps({k: v for k, v in params.items() if k in jobs})}\n")
-        def run_one(variant: str, tag: str) -> dict | None:
+        def run_one(variant: str, tag: str, seed: int) -> dict | None:
             res_path = Path(tmp) / ("result-" + "".join(c if c.isalnum() else "_" for c in tag) + ".json")
             waited, busy0 = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else (0.0, busy_cores(1.0))
             la = os.getloadavg()
-            print(f"[{tag}] {variant} (load {la[0]:.2f}, other processes busy {_fmt(busy0, 2)} cores"
+            print(f"[{tag}] {variant} seed {seed} (load {la[0]:.2f}, other processes busy {_fmt(busy0, 2)} cores"
                   + (f", waited {waited:.0f}s for quiet" if waited >= 1 else "") + ") ...", flush=True)
             t0 = time.perf_counter()
             try:
@@ -661,12 +604,14 @@ def main(argv=None) -> int:
             except (OSError, ValueError, IndexError):
                 j0 = None
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, "--plan", str(plan_path),
-                                   "--result", str(res_path)], env=env, cwd=str(ROOT), capture_output=True, text=True)
+                                   "--result", str(res_path)], env={**env, "SLIMTUNE_BENCH_SEED": str(seed)}, cwd=str(ROOT),
+                                  capture_output=True, text=True)
             if proc.returncode != 0 or not res_path.exists():
                 print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
                 print(f"  FAILED (exit {proc.returncode})")
                 return None
             r = json.loads(res_path.read_text())
+            r["seed"] = seed
             r["load_before"] = la
             r["load_after"] = os.getloadavg()
             r["other_busy_cores_before"] = busy0
@@ -686,9 +631,16 @@ def main(argv=None) -> int:
 
         def save(final: bool) -> str:
             """Write the results so far (after every variant, so an interrupted run keeps what it measured)."""
-            results = {}  # medians of throughput over repeats; quality / memory from the first run
+            results = {}  # medians of throughput over repeats; quality: the mean over the repeats' seeds
             for variant, rs in runs.items():
                 r = dict(rs[0])
+                for key in ("test_accuracy", "dev_accuracy", "eval_loss"):
+                    vals = [x[key] for x in rs if x.get(key) is not None]
+                    if vals:
+                        r[key + "_all"] = vals
+                        r[key] = statistics.mean(vals)
+                        r[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                r["seeds"] = [x.get("seed") for x in rs]
                 for key in ("samples_per_s", "tokens_per_s"):
                     vals = [x[key] for x in rs]
                     r[key + "_all"] = vals
@@ -709,10 +661,10 @@ def main(argv=None) -> int:
             return table
 
         disturbed: dict[str, list[dict]] = {}
-        for i, variant in enumerate(order, 1):
+        for i, (variant, seed) in enumerate(order, 1):
             tries = []
             for attempt in range(1 + max(0, args.retries)):
-                r = run_one(variant, f"{i}/{len(order)}" + (f" retry {attempt}" if attempt else ""))
+                r = run_one(variant, f"{i}/{len(order)}" + (f" retry {attempt}" if attempt else ""), seed)
                 if r is None:
                     break
                 tries.append(r)

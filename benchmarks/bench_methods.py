@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, run_result_child, versions  # noqa: E402
 SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 # a typical lr for each family at its defaults (the adapter families want larger steps than full fine-tuning)
 LR = {"full": 5e-5, "last-n-layers": 1e-4, "ia3": 3e-3, "vera": 3e-3, "prompt-tuning": 3e-3, "p-tuning": 3e-3,
@@ -53,7 +54,14 @@ def main():
     ap.add_argument("--methods", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None)
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each method wait up to S seconds until other processes use < 0.3 cores")
+    ap.add_argument("--lr", default="", help="per-method lr overrides: method=lr,method=lr (default: the LR table)")
+    ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "bench_methods.json"))
     args = ap.parse_args()
+    for item in filter(None, args.lr.split(",")):
+        name, _, value = item.partition("=")
+        LR[name.strip()] = float(value)
     if not SST2.is_dir():
         print(f"skipped: {SST2} not found (the shared datasets folder is not part of the repository)")
         return
@@ -66,14 +74,14 @@ def main():
     out = args.out or tempfile.mkdtemp(prefix="bench-methods-")
     rows = []
     for m in methods:
-        cmd = [sys.executable, __file__, "--child", m, "--train", str(args.train), "--epochs", str(args.epochs), "--out", out]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{m}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
-            rows.append({"method": m, "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"})
+        cmd = [sys.executable, __file__, "--child", m, "--train", str(args.train), "--epochs", str(args.epochs), "--out", out,
+               "--lr", args.lr]
+        row, err = run_result_child(cmd, args.wait_quiet)
+        if row is None:
+            print(f"{m}: failed\n{err[-2000:]}", file=sys.stderr)
+            rows.append({"method": m, "error": err.strip().splitlines()[-1] if err.strip() else "failed"})
             continue
-        rows.append(json.loads(line[7:]))
+        rows.append(row)
         print(f"{m}: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"\nall-MiniLM-L6-v2, SST-2: {args.train} train examples, {args.epochs} epoch(s), batch 32, max_length 64, "
           f"linear schedule, seed 0, bf16 autocast where available; test = SST-2 dev (872)\n")
@@ -85,7 +93,10 @@ def main():
             continue
         print(f"| {r['method']} | {r['test_accuracy']:.4f} | {r['trainable']:,} | {r['share']:.3%} | {r['lr']:g} | "
               f"{r['train_s']:.1f} | {r['samples_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['adapter_mb']:.2f} |")
-    Path(out, "bench_methods.json").write_text(json.dumps(rows, indent=2))
+    record = {"machine": machine(), "versions": versions(), "train": args.train, "epochs": args.epochs, "rows": rows}
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result).write_text(json.dumps(record, indent=2))
+    print(f"\nraw results: {args.result}")
 
 
 if __name__ == "__main__":
