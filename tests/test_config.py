@@ -217,6 +217,26 @@ def test_resolved_defaults():
     assert load_config(base(eval={"monitor": "loss", "mode": "max"})).higher_is_better is True
 
 
+def test_method_default_lr_applies_only_when_lr_is_not_set(tmp_path):
+    from slimtune.config import dump_config
+    from slimtune.methods import REGISTRY
+
+    assert load_config(base()).train.lr == pytest.approx(5e-4)  # LoRA: the train default
+    probe = REGISTRY["head-only"].default_lr
+    assert probe is not None and probe > 5e-4
+    assert load_config(base(method={"name": "head-only"})).train.lr == pytest.approx(probe)
+    assert load_config(base(method={"name": "full"})).train.lr < 5e-4
+    # set in the config, in an override or in another train key's presence: the user's value wins
+    assert load_config(base(method={"name": "head-only"}, train={"lr": 1e-4})).train.lr == pytest.approx(1e-4)
+    assert load_config(base(method={"name": "head-only"}), ["train.lr=2e-4"]).train.lr == pytest.approx(2e-4)
+    cfg = load_config(base(method={"name": "head-only"}, train={"batch_size": 8}))
+    assert cfg.train.lr == pytest.approx(probe)
+    # the resolved value is written out, so the saved config reproduces the run
+    path = tmp_path / "again.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    assert load_config(path).train.lr == pytest.approx(probe)
+
+
 def test_bad_files(tmp_path):
     assert "does not exist" in config_error(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

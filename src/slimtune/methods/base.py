@@ -42,6 +42,10 @@ class Method:
     load_kwargs: Callable[[Any], dict] | None = None  # extra from_pretrained kwargs (quantization)
     check_environment: Callable[[Any], None] | None = None
     before_save: Callable[[Any, Any], dict] | None = None  # -> extra save_pretrained kwargs
+    # train.lr when the config sets none; None: TrainConfig's default (5e-4, right for the LoRA family).
+    # Families whose parameters move the output far less per unit of lr (vectors, zero-initialised factors,
+    # a probe) need larger rates; full fine-tuning needs smaller ones (benchmarks/bench_methods.py measured them).
+    default_lr: float | None = None
 
 
 Targets = Literal["auto", "all-linear", "attention"] | list[str]
