@@ -330,3 +330,34 @@ def test_sweep_cli_errors(tmp_path):
 def test_sweep_config_is_in_the_schema():
     schema = SweepConfig.model_json_schema()
     assert "pruner" in schema["properties"] and "description" in schema["properties"]["storage"]
+
+
+def test_no_pruning_during_the_trials_lr_warmup():
+    """A trial is reported at every evaluation but only judged once its own warmup is over."""
+    from types import SimpleNamespace
+
+    from slimtune.sweep.worker import PruningCallback
+    from slimtune.train.callbacks import PruneTraining
+
+    class Trial:
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    cb = PruningCallback(trial)
+    loop = SimpleNamespace(state={"step": 0}, total_steps=100, warmup=30, monitor="accuracy")
+    for step in (10, 20, 30):  # inside the warmup: reported, never pruned
+        loop.state["step"] = step
+        cb.on_eval_end(loop, {"accuracy": 0.5})
+    assert [s for s, _ in trial.reports] == [1, 2, 3]
+    loop.state["step"] = 40
+    with pytest.raises(PruneTraining, match="evaluation 4"):
+        cb.on_eval_end(loop, {"accuracy": 0.5})
+    loop.state["step"] = 100  # the last evaluation is never pruned
+    PruningCallback(trial).on_eval_end(loop, {"accuracy": 0.5})

@@ -202,7 +202,10 @@ def next_move(study, plan: dict) -> str:
 
 class PruningCallback:
     """Loop callback: reports each evaluation of the monitored metric to the trial (as steps 1, 2,
-    3, ...) and ends the run with PruneTraining when the pruner says so (never at the last one)."""
+    3, ...) and ends the run with PruneTraining when the pruner says so (never at the last one, and
+    never while the trial's own lr warmup runs: a trial with a long warmup has barely trained at the
+    first evaluations, and judging it there prunes good settings. In the sweep benchmark that is
+    what pruned the best trial of the unpruned search at its first evaluation)."""
 
     def __init__(self, trial, enabled: bool = True):
         self.trial = trial
@@ -216,7 +219,8 @@ class PruningCallback:
         self.reports += 1
         value = float(metrics[loop.monitor])
         self.trial.report(value, self.reports)
-        if self.enabled and loop.state["step"] < loop.total_steps and self.trial.should_prune():
+        step = loop.state["step"]
+        if self.enabled and (getattr(loop, "warmup", 0) or 0) < step < loop.total_steps and self.trial.should_prune():
             self.reason = (f"pruned by the sweep at evaluation {self.reports} (step {loop.state['step']} of "
                            f"{loop.total_steps}): {loop.monitor}={value:.4f}")
             raise PruneTraining(self.reason)
