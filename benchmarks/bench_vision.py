@@ -150,10 +150,12 @@ def main():
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--variants", default="fixed,progressive,plain")
+    ap.add_argument("--repeats", type=int, default=1, help="run the variants this many times, interleaved; medians")
     ap.add_argument("--child")
     ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--result")
+    ap.add_argument("--result-file", default=None, help="results JSON (default benchmarks/results/bench_vision.json)")
     args = ap.parse_args()
     if args.child:
         data = json.loads(args.data)
@@ -165,8 +167,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="slimtune-bench-vision-"))
     data = make_data(tmp, args.train, args.test)
     rows = []
-    for v in args.variants.split(","):
-        res = tmp / f"result-{v}.json"
+    for rep, v in [(r, v) for r in range(args.repeats) for v in args.variants.split(",")]:
+        res = tmp / f"result-{v}-{rep}.json"
         cmd = [sys.executable, __file__, "--child", v, "--data", json.dumps(data), "--out", str(tmp / "runs"),
                "--result", str(res), "--train", str(args.train), "--size", str(args.size), "--epochs", str(args.epochs),
                "--precision", args.precision]
@@ -176,19 +178,29 @@ def main():
         r["process_s"] = time.perf_counter() - t
         rows.append(r)
         print(json.dumps(r), flush=True)
-    by = {r["variant"]: r for r in rows}
-    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data", "out", "result")}, "rows": rows}
+    import statistics
+
+    by = {}  # variant -> medians over repeats
+    for v in args.variants.split(","):
+        rs = [r for r in rows if r["variant"] == v]
+        by[v] = {k: statistics.median(r[k] for r in rs) for k in ("train_s", "samples_per_s", "test_accuracy")}
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data", "out", "result")}, "rows": rows,
+               "medians": by}
     if "fixed" in by and "progressive" in by:
         summary["progressive_speedup"] = by["fixed"]["train_s"] / by["progressive"]["train_s"]
     if "fixed" in by and "plain" in by:
         summary["slimtune_vs_plain_throughput"] = by["fixed"]["samples_per_s"] / by["plain"]["samples_per_s"]
+        pairs = [(a, b) for a, b in zip([r for r in rows if r["variant"] == "fixed"], [r for r in rows if r["variant"] == "plain"])]
+        summary["slimtune_vs_plain_per_repeat"] = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
     print(f"\n{'variant':<12} {'train s':>8} {'samples/s':>10} {'test acc':>9}")
     for r in rows:
         print(f"{r['variant']:<12} {r['train_s']:>8.1f} {r['samples_per_s']:>10.1f} {r['test_accuracy']:>9.4f}")
     for k in ("progressive_speedup", "slimtune_vs_plain_throughput"):
         if k in summary:
             print(f"{k}: {summary[k]:.3f}")
-    out = ROOT / "benchmarks" / "results" / "bench_vision.json"
+    if "slimtune_vs_plain_per_repeat" in summary:
+        print("slimtune / plain per repeat:", ", ".join(f"{x:.3f}" for x in summary["slimtune_vs_plain_per_repeat"]))
+    out = Path(args.result_file) if args.result_file else ROOT / "benchmarks" / "results" / "bench_vision.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
 

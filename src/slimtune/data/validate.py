@@ -63,7 +63,9 @@ def text_warnings(report: DataReport, split: str, texts: list[str], others: dict
     counts = Counter(texts)
     dup = sum(v - 1 for v in counts.values() if v > 1)
     if dup:
-        report.warn(f"{split}: {dup} duplicate example(s) ({dup / max(1, len(texts)):.1%})")
+        report.warn(f"{split}: {dup} duplicate example(s) ({dup / max(1, len(texts)):.1%}); copies have the same length, "
+                    "so length-grouped batches tend to hold several copies of one example: deduplicate, or set "
+                    "train.group_by_length: false")
     for name, other in (others or {}).items():
         overlap = len(set(texts) & set(other))
         if overlap:

@@ -137,7 +137,8 @@ class SweepConfig(StrictModel):
         "median", description="stops poor trials early from their evaluations: median (worse than the median of earlier "
         "trials at the same evaluation), successive-halving, hyperband, or none")
     prune_after: int = Field(1, ge=1, description="evaluations every trial gets before it can be pruned (the min resource "
-                             "of successive-halving / hyperband); a trial is never pruned at its last evaluation")
+                             "of successive-halving / hyperband); a trial is never pruned at its last evaluation, nor while its "
+                             "own lr warmup runs")
     startup_trials: int = Field(3, ge=0, description="median pruner: trials that run to the end before pruning starts")
     reduction_factor: int = Field(3, ge=2, description="successive-halving / hyperband: only the best 1/reduction_factor "
                                   "of the trials at each rung go on")
