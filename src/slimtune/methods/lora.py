@@ -181,7 +181,7 @@ METHODS = [
     Method("pissa", PissaConfig, apply, before_save=before_save, summary="LoRA initialised from principal singular vectors"),
     Method("olora", OloraConfig, apply, before_save=before_save, summary="LoRA initialised orthonormally (QR)"),
     Method("eva", EvaConfig, apply, summary="LoRA initialised from activations (data-driven ranks)"),
-    Method("lora-plus", LoraPlusConfig, apply, lr_scale=lora_plus_scale, summary="LoRA with a higher lr for B"),
+    Method("lora-plus", LoraPlusConfig, apply, lr_scale=lora_plus_scale, default_lr=2e-4, summary="LoRA with a higher lr for B"),
     Method("qlora", QloraConfig, apply, load_kwargs=qlora_load_kwargs, check_environment=check_qlora,
            summary="LoRA on a 4-bit base (CUDA)"),
 ]

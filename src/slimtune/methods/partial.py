@@ -109,7 +109,7 @@ def apply_full(model, cfg, ctx):
 
 
 METHODS = [
-    Method("bitfit", BitfitConfig, apply_bitfit, saved_by="slimtune", summary="bias terms only"),
+    Method("bitfit", BitfitConfig, apply_bitfit, saved_by="slimtune", default_lr=5e-3, summary="bias terms only"),
     Method("last-n-layers", LastNLayersConfig, apply_last_n, saved_by="slimtune", default_lr=1e-4, summary="top N blocks unfrozen"),
     Method("head-only", HeadOnlyConfig, apply_head_only, saved_by="slimtune", default_lr=2e-2, summary="linear probe on frozen features"),
     Method("full", FullConfig, apply_full, saved_by="slimtune", default_lr=5e-5, summary="all parameters (baseline)"),

@@ -182,11 +182,11 @@ def apply_ia3(model, cfg: Ia3Config, ctx):
 
 
 METHODS = [
-    Method("adalora", AdaLoraConfig, apply_adalora, on_optimizer_step=adalora_step, summary="LoRA with adaptive rank budget"),
-    Method("vera", VeraConfig, apply_vera, summary="shared frozen random matrices + trained vectors"),
-    Method("loha", LohaConfig, apply_loha, summary="Hadamard product of low-rank updates"),
-    Method("lokr", LokrConfig, apply_lokr, summary="Kronecker-product updates"),
-    Method("oft", OftConfig, apply_oft, summary="orthogonal block rotations"),
-    Method("boft", BoftConfig, apply_boft, summary="orthogonal butterfly rotations"),
-    Method("ia3", Ia3Config, apply_ia3, summary="learned rescaling vectors (tiny)"),
+    Method("adalora", AdaLoraConfig, apply_adalora, on_optimizer_step=adalora_step, default_lr=5e-3, summary="LoRA with adaptive rank budget"),
+    Method("vera", VeraConfig, apply_vera, default_lr=1e-2, summary="shared frozen random matrices + trained vectors"),
+    Method("loha", LohaConfig, apply_loha, default_lr=5e-3, summary="Hadamard product of low-rank updates"),
+    Method("lokr", LokrConfig, apply_lokr, default_lr=5e-3, summary="Kronecker-product updates"),
+    Method("oft", OftConfig, apply_oft, default_lr=1e-3, summary="orthogonal block rotations"),
+    Method("boft", BoftConfig, apply_boft, default_lr=5e-3, summary="orthogonal butterfly rotations"),
+    Method("ia3", Ia3Config, apply_ia3, default_lr=1e-2, summary="learned rescaling vectors (tiny)"),
 ]

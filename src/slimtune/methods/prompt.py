@@ -74,7 +74,7 @@ def apply_ptuning(model, cfg: PTuningConfig, ctx):
 
 
 METHODS = [
-    Method("prompt-tuning", PromptTuningConfig, apply_prompt, mergeable=False, summary="trained soft prompt at the input"),
-    Method("prefix-tuning", PrefixTuningConfig, apply_prefix, mergeable=False, summary="trained key/value prefixes (decoders)"),
-    Method("p-tuning", PTuningConfig, apply_ptuning, mergeable=False, summary="virtual tokens from a prompt encoder"),
+    Method("prompt-tuning", PromptTuningConfig, apply_prompt, mergeable=False, default_lr=3e-2, summary="trained soft prompt at the input"),
+    Method("prefix-tuning", PrefixTuningConfig, apply_prefix, mergeable=False, default_lr=1e-2, summary="trained key/value prefixes (decoders)"),
+    Method("p-tuning", PTuningConfig, apply_ptuning, mergeable=False, default_lr=1e-2, summary="virtual tokens from a prompt encoder"),
 ]
