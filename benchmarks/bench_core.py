@@ -67,7 +67,7 @@ SEED = int(os.environ.get("SLIMTUNE_BENCH_SEED", "42"))  # --seeds sets it per r
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 
-VARIANTS = ("slimtune", "hf-default", "hf-grouped", "slimtune-nogroup")
+VARIANTS = ("slimtune", "hf-default", "hf-grouped", "slimtune-nogroup", "slimtune-fastdropout")
 
 
 def job_params(quick: bool) -> dict:
@@ -287,12 +287,14 @@ def _hf_args(out_dir, bs, lr, warmup, grouped, epochs=None, max_steps=None):
 # child variants
 # ---------------------------------------------------------------------------------------------
 
-def child_cls_slimtune(plan, tmp, group: bool) -> dict:
+def child_cls_slimtune(plan, tmp, group: bool, fast_dropout: bool = False) -> dict:
     import slimtune
 
     _torch_setup()
     probe = _SlimProbe()
-    res = slimtune.run(cls_config(plan, group, tmp, "cls"), callbacks=[probe])
+    cfg = cls_config(plan, group, tmp, "cls")
+    cfg["train"]["fast_dropout"] = fast_dropout
+    res = slimtune.run(cfg, callbacks=[probe])
     s = res.summary
     from slimtune.models import load_tokenizer, resolve
 
@@ -356,12 +358,14 @@ def child_cls_hf(plan, tmp, grouped: bool) -> dict:
     }
 
 
-def child_chat_slimtune(plan, tmp, group: bool) -> dict:
+def child_chat_slimtune(plan, tmp, group: bool, fast_dropout: bool = False) -> dict:
     import slimtune
 
     _torch_setup()
     probe = _SlimProbe()
-    res = slimtune.run(chat_config(plan, group, tmp, "chat"), callbacks=[probe])
+    cfg = chat_config(plan, group, tmp, "chat")
+    cfg["train"]["fast_dropout"] = fast_dropout
+    res = slimtune.run(cfg, callbacks=[probe])
     s = res.summary
     rss_end = rss_mb()
     tok, feats = chat_features(plan, tmp)
@@ -427,10 +431,12 @@ def child_chat_hf(plan, tmp, grouped: bool) -> dict:
 CHILDREN = {
     "cls/slimtune": lambda plan, tmp: child_cls_slimtune(plan, tmp, True),
     "cls/slimtune-nogroup": lambda plan, tmp: child_cls_slimtune(plan, tmp, False),
+    "cls/slimtune-fastdropout": lambda plan, tmp: child_cls_slimtune(plan, tmp, True, fast_dropout=True),
     "cls/hf-default": lambda plan, tmp: child_cls_hf(plan, tmp, False),
     "cls/hf-grouped": lambda plan, tmp: child_cls_hf(plan, tmp, True),
     "chat/slimtune": lambda plan, tmp: child_chat_slimtune(plan, tmp, True),
     "chat/slimtune-nogroup": lambda plan, tmp: child_chat_slimtune(plan, tmp, False),
+    "chat/slimtune-fastdropout": lambda plan, tmp: child_chat_slimtune(plan, tmp, True, fast_dropout=True),
     "chat/hf-default": lambda plan, tmp: child_chat_hf(plan, tmp, False),
     "chat/hf-grouped": lambda plan, tmp: child_chat_hf(plan, tmp, True),
 }

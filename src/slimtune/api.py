@@ -272,6 +272,10 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
             yield _to_device(collate([train_ex[i] for i in idx]), acc.device)
 
     model = _model_for_task(cfg, task, source, splits, tokenizer, total_steps, sample_batches)
+    if cfg.train.fast_dropout and acc.device.type == "cpu":  # torch's CUDA dropout kernel is already fast
+        from .train.dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     trainable, total = count_params(model)
     acc.print(f"run folder: {run_path}\nmodel: {cfg.model.name} ({source.origin})  method: {cfg.method.name}  "
               f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {acc.mixed_precision}")

@@ -123,6 +123,11 @@ class TrainConfig(StrictModel):
         "auto", description="'auto': bf16 autocast where the hardware supports it (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32"
     )
     group_by_length: bool = Field(True, description="batch examples of similar length together (less padding)")
+    fast_dropout: bool = Field(
+        False, description="CPU training: dropout masks from 16-bit random slices (4 per 64-bit draw) instead of one "
+        "draw per element; same p (to 1/65536) and distribution. Dropout was 37% of a CPU LoRA step on MiniLM; on "
+        "SST-2 this gave x1.22 the throughput of HF Trainer with group_by_length at the same accuracy. Off by default "
+        "until validated on more tasks: it changes the random stream, and small runs can be very seed-sensitive")
     scored_logits_only: bool = Field(
         True, description="causal LM: project to the vocabulary only the positions whose next token is scored "
         "(responses of chat / instruction data): same loss, less compute")
