@@ -170,27 +170,16 @@ def components(tmp: str) -> dict:
 
 def cpu_busy(seconds: float = 2.0) -> float:
     """Share of this machine's CPU time in use over a short window (everyone's processes)."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [float(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-    t0, i0 = read()
-    time.sleep(seconds)
-    t1, i1 = read()
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1e-9)
+    return (busy_cores(seconds) or 0.0) / (os.cpu_count() or 1)
 
 
 def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
     """Wait (up to max_wait seconds) until others' work leaves the CPUs mostly idle; returns the last reading."""
-    deadline = time.time() + max_wait
-    busy = cpu_busy()
-    while busy > threshold and time.time() < deadline:
-        time.sleep(5)
-        busy = cpu_busy()
-    return busy
+    _, busy = wait_until_quiet(max_wait, threshold * (os.cpu_count() or 1))
+    return (busy or 0.0) / (os.cpu_count() or 1)
 
 
-from _common import write_subset  # noqa: E402  (shared with the other benchmarks)
+from _common import busy_cores, wait_until_quiet, write_subset  # noqa: E402  (shared with the other benchmarks)
 
 
 def main(argv=None) -> int:

@@ -164,32 +164,21 @@ class TrainConfig(StrictModel):
         None, description="progressive resizing (images): [[fraction of training, image size], ...] starting at 0.0, "
         "e.g. [[0.0, 64], [0.5, 96], [0.8, 128]]; evaluation uses the final size (image.size)")
 
-    @field_validator("image_size_schedule")
+    @field_validator("image_size_schedule", "seq_len_schedule")
     @classmethod
-    def _check_size_sched(cls, v):
+    def _check_schedule(cls, v, info):
+        """A step function of the fraction of training: starts at 0.0, increasing fractions in [0, 1)."""
         if v is None:
             return v
+        unit, example = ("pixels", "[[0.0, 64], [0.5, 96]]") if info.field_name == "image_size_schedule" \
+            else ("tokens", "[[0.0, 32], [0.5, 64]]")
         if not v or v[0][0] != 0.0:
-            raise ValueError("must start with an entry at fraction 0.0, e.g. [[0.0, 64], [0.5, 96]]")
+            raise ValueError(f"must start with an entry at fraction 0.0, e.g. {example}")
         fr = [a for a, _ in v]
         if any(not 0 <= a < 1 for a in fr) or fr != sorted(fr) or len(set(fr)) != len(fr):
             raise ValueError(f"fractions {fr} must be increasing and in [0, 1)")
         if any(b < 8 for _, b in v):
-            raise ValueError("sizes must be at least 8 pixels")
-        return v
-
-    @field_validator("seq_len_schedule")
-    @classmethod
-    def _check_seq_sched(cls, v):
-        if v is None:
-            return v
-        if not v or v[0][0] != 0.0:
-            raise ValueError("must start with an entry at fraction 0.0, e.g. [[0.0, 32], [0.5, 64]]")
-        fr = [a for a, _ in v]
-        if any(not 0 <= a < 1 for a in fr) or fr != sorted(fr) or len(set(fr)) != len(fr):
-            raise ValueError(f"fractions {fr} must be increasing and in [0, 1)")
-        if any(b < 8 for _, b in v):
-            raise ValueError("lengths must be at least 8 tokens")
+            raise ValueError(f"{'sizes' if unit == 'pixels' else 'lengths'} must be at least 8 {unit}")
         return v
 
     @model_validator(mode="after")

@@ -152,10 +152,7 @@ def featurize(cfg, tokenizer, splits: Splits):
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         splits.report.warn("the tokenizer has no chat template; using a ChatML fallback (<|im_start|>role ... <|im_end|>)")
     out = {}
-    for name in ("train", "eval", "test"):
-        ds = getattr(splits, name)
-        if ds is None:
-            continue
+    for name, ds in splits.present():
         if fmt == "text":
             out[name] = _pack_text(tokenizer, [str(t) for t in ds[cfg.data.text_column]], cfg.model.max_length)
         else:

@@ -21,6 +21,13 @@ class Splits:
     meta: dict = field(default_factory=dict)  # task facts kept in the run folder (labels, format)
     sources: dict = field(default_factory=dict)
 
+    def present(self):
+        """(name, split) for the splits that exist: train, eval, then test when given."""
+        for name in ("train", "eval", "test"):
+            split = getattr(self, name)
+            if split is not None:
+                yield name, split
+
 
 def read_splits(cfg, stratify_column: str | None, check_columns) -> Splits:
     """Read train / eval / test, check columns, carve eval out of train when absent."""

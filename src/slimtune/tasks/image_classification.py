@@ -207,10 +207,7 @@ def load_model(cfg, source, splits, **load_kwargs):
 def featurize(cfg, processor, splits: Splits):
     label_id = {l: i for i, l in enumerate(splits.meta["labels"])}
     out = {}
-    for name in ("train", "eval", "test"):
-        t = getattr(splits, name)
-        if t is None:
-            continue
+    for name, t in splits.present():
         out[name] = [{"image": r, "labels": label_id.get(y, -1), "length": 1, "index": i}
                      for i, (r, y) in enumerate(zip(t.refs, t.labels))]
     return out

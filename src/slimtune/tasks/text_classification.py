@@ -80,10 +80,7 @@ def featurize(cfg, tokenizer, splits: Splits):
     d = cfg.data
     label_id = {l: i for i, l in enumerate(splits.meta["labels"])}
     out = {}
-    for name in ("train", "eval", "test"):
-        ds = getattr(splits, name)
-        if ds is None:
-            continue
+    for name, ds in splits.present():
         texts = [str(t) for t in ds[d.text_column]]
         pairs = [str(t) for t in ds[d.text_pair_column]] if d.text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.model.max_length)
