@@ -361,3 +361,39 @@ def test_no_pruning_during_the_trials_lr_warmup():
         cb.on_eval_end(loop, {"accuracy": 0.5})
     loop.state["step"] = 100  # the last evaluation is never pruned
     PruningCallback(trial).on_eval_end(loop, {"accuracy": 0.5})
+
+
+def test_prune_on_reports_another_metric_in_the_studys_sense():
+    """sweep.prune_on: the pruner sees eval loss (negated for a maximizing study); the objective is unchanged."""
+    from types import SimpleNamespace
+
+    from slimtune.sweep.study import intermediate_label
+    from slimtune.sweep.worker import PruningCallback
+    from slimtune.train.callbacks import PruneTraining
+
+    class Trial:
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append(value)
+
+        def should_prune(self):
+            return len(self.reports) > 1
+
+    loop = SimpleNamespace(state={"step": 50}, total_steps=100, warmup=0, monitor="accuracy")
+    trial = Trial()
+    cb = PruningCallback(trial, metric="loss", maximize=True)
+    cb.on_eval_end(loop, {"accuracy": 0.5, "loss": 0.7})
+    with pytest.raises(PruneTraining, match="loss=0.6000"):
+        cb.on_eval_end(loop, {"accuracy": 0.5, "loss": 0.6})
+    assert trial.reports == [-0.7, -0.6]
+    for metric, maximize, reported in (("loss", False, 0.7), (None, True, 0.5)):
+        trial = Trial()
+        PruningCallback(trial, metric=metric, maximize=maximize).on_eval_end(loop, {"accuracy": 0.5, "loss": 0.7})
+        assert trial.reports == [reported]
+    plan = {"sweep": {"prune_on": "loss"}, "monitor": "accuracy", "direction": "maximize"}
+    assert intermediate_label(plan) == "-loss (pruning)"
+    assert intermediate_label({**plan, "sweep": {"prune_on": None}}) == "accuracy"
+    assert "sweep.prune_on: 'perplexity' is not a metric of task 'text-classification'" in space_error(
+        {"train.lr": [1e-4]}, prune_on="perplexity")

@@ -256,6 +256,9 @@ class RunConfig(StrictModel):
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
         if self.eval.monitor is not None and self.eval.monitor not in known:
             raise ValueError(f"eval.monitor: {self.eval.monitor!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
+        prune_on = self.sweep.prune_on if self.sweep is not None else None
+        if prune_on is not None and prune_on not in known:
+            raise ValueError(f"sweep.prune_on: {prune_on!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
         return self
 
     # resolved defaults ---------------------------------------------------
@@ -267,7 +270,11 @@ class RunConfig(StrictModel):
     def higher_is_better(self) -> bool:
         if self.eval.mode != "auto":
             return self.eval.mode == "max"
-        return self.monitor not in ("loss", "perplexity")
+        return metric_higher_is_better(self.monitor)
+
+
+def metric_higher_is_better(metric: str) -> bool:
+    return metric not in ("loss", "perplexity")
 
 
 # -- loading -----------------------------------------------------------------

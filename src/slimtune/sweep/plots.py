@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
-def write_plots(study, sweep_dir: Path, metric: str) -> dict[str, str]:
+def write_plots(study, sweep_dir: Path, metric: str, intermediate_label: str | None = None) -> dict[str, str]:
     """{plot name: file name or the reason it was skipped}; the reasons also go to plots.txt."""
     try:
         import matplotlib
@@ -67,7 +67,7 @@ def write_plots(study, sweep_dir: Path, metric: str) -> dict[str, str]:
             raise ValueError("no trial reported an evaluation")
         ax = ovm.plot_intermediate_values(study)
         ax.set_xlabel("evaluation")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(intermediate_label or metric)
         return ax
 
     plots = {

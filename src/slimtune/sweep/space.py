@@ -139,6 +139,10 @@ class SweepConfig(StrictModel):
     prune_after: int = Field(1, ge=1, description="evaluations every trial gets before it can be pruned (the min resource "
                              "of successive-halving / hyperband); a trial is never pruned at its last evaluation, nor while its "
                              "own lr warmup runs")
+    prune_on: str | None = Field(
+        None, description="the eval metric the pruner compares at each evaluation (default: the objective, eval.monitor). "
+        "'loss' tells trials apart that tie on accuracy early on (on a small eval set every trial still predicting the "
+        "majority class has the same accuracy, and successive-halving promotes ties); the objective stays eval.monitor")
     startup_trials: int = Field(3, ge=0, description="median pruner: trials that run to the end before pruning starts")
     reduction_factor: int = Field(3, ge=2, description="successive-halving / hyperband: only the best 1/reduction_factor "
                                   "of the trials at each rung go on")

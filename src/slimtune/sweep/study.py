@@ -67,6 +67,17 @@ def prepare(config, overrides=None, *, name=None, storage=None, trials=None, tim
     return cfg, sw.name or _default_name(config)
 
 
+def intermediate_label(plan: dict) -> str:
+    """What the trials reported at each evaluation: the objective, or sweep.prune_on (negated when its sense
+    is not the study's direction)."""
+    from ..config import metric_higher_is_better
+
+    metric = plan["sweep"].get("prune_on")
+    if not metric:
+        return plan["monitor"]
+    return metric if metric_higher_is_better(metric) == (plan["direction"] == "maximize") else f"-{metric} (pruning)"
+
+
 def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name: str | None = None,
           storage: str | None = None, trials: int | None = None, timeout_minutes: float | None = None,
           plots: bool = True, log=print) -> SweepResult:
@@ -200,7 +211,7 @@ def finish(plan: dict, sweep_dir: Path, wall: float, plots: bool = True) -> Swee
     if plots:
         from .plots import write_plots
 
-        drawn = write_plots(study, sweep_dir, plan["monitor"])
+        drawn = write_plots(study, sweep_dir, plan["monitor"], intermediate_label(plan))
     summary = {
         "sweep_dir": str(sweep_dir), "study_name": plan["study_name"], "storage": mask_url(plan["storage"]),
         "direction": plan["direction"], "metric": plan["monitor"], "sampler": plan["sweep"]["sampler"],

@@ -207,22 +207,27 @@ class PruningCallback:
     first evaluations, and judging it there prunes good settings. In the sweep benchmark that is
     what pruned the best trial of the unpruned search at its first evaluation)."""
 
-    def __init__(self, trial, enabled: bool = True):
+    def __init__(self, trial, enabled: bool = True, metric: str | None = None, maximize: bool = True):
         self.trial = trial
         self.enabled = enabled
+        self.metric = metric  # sweep.prune_on; None: the run's monitored metric (the objective)
+        self.maximize = maximize  # the study's direction: a metric of the other sense is reported negated
         self.reports = 0
         self.reason = None
 
     def on_eval_end(self, loop, metrics: dict) -> None:
+        from ..config import metric_higher_is_better
         from ..train.callbacks import PruneTraining
 
         self.reports += 1
-        value = float(metrics[loop.monitor])
-        self.trial.report(value, self.reports)
+        name = self.metric or loop.monitor
+        value = float(metrics[name])
+        same_sense = True if self.metric is None else metric_higher_is_better(name) == self.maximize
+        self.trial.report(value if same_sense else -value, self.reports)
         step = loop.state["step"]
         if self.enabled and (getattr(loop, "warmup", 0) or 0) < step < loop.total_steps and self.trial.should_prune():
             self.reason = (f"pruned by the sweep at evaluation {self.reports} (step {loop.state['step']} of "
-                           f"{loop.total_steps}): {loop.monitor}={value:.4f}")
+                           f"{loop.total_steps}): {name}={value:.4f}")
             raise PruneTraining(self.reason)
 
 
@@ -278,7 +283,12 @@ class Objective:
         name = f"trial-{trial.number:04d}"
         data["output"] = {**(data.get("output") or {}), "dir": str(Path(self.plan["sweep_dir"]) / "trials"), "name": name}
         trial.set_user_attr("run_dir", str(Path(self.plan["sweep_dir"]) / "trials" / name))
-        cb = PruningCallback(trial, enabled=self.plan["sweep"]["pruner"] != "none")
+        prune_on = self.plan["sweep"].get("prune_on")
+        metrics = (data.get("eval") or {}).get("metrics")
+        if prune_on and metrics and prune_on not in metrics:  # the pruner's metric is computed at every evaluation
+            data["eval"] = {**data["eval"], "metrics": [*metrics, prune_on]}
+        cb = PruningCallback(trial, enabled=self.plan["sweep"]["pruner"] != "none", metric=prune_on,
+                             maximize=self.plan["direction"] == "maximize")
         t0 = time.time()
         try:
             result = api.run(data, callbacks=[cb])
