@@ -16,6 +16,8 @@ Variants per job
   hf-default        transformers.Trainer, default sampler (random order)
   hf-grouped        transformers.Trainer, train_sampling_strategy="group_by_length"
   slimtune-nogroup  slimtune.run() with train.group_by_length=false (reference only; opt-in via --variants)
+  slimtune-fastdropout / slimtune-torchdropout  train.fast_dropout forced on / off (opt-in)
+  slimtune-nospread train.spread_duplicates=false, copies of a record may share a batch (opt-in)
 
 Every variant runs in its own subprocess (this script re-invokes itself with
 `--child VARIANT`), so peak RSS is per variant; all of them run from one command:
@@ -67,7 +69,8 @@ SEED = int(os.environ.get("SLIMTUNE_BENCH_SEED", "42"))  # --seeds sets it per r
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 
-VARIANTS = ("slimtune", "hf-default", "hf-grouped", "slimtune-nogroup", "slimtune-fastdropout")
+VARIANTS = ("slimtune", "hf-default", "hf-grouped", "slimtune-nogroup", "slimtune-fastdropout", "slimtune-torchdropout",
+            "slimtune-nospread")
 
 
 def job_params(quick: bool) -> dict:
@@ -287,13 +290,15 @@ def _hf_args(out_dir, bs, lr, warmup, grouped, epochs=None, max_steps=None):
 # child variants
 # ---------------------------------------------------------------------------------------------
 
-def child_cls_slimtune(plan, tmp, group: bool, fast_dropout: bool = False) -> dict:
+def child_cls_slimtune(plan, tmp, group: bool, fast_dropout: bool | None = None, spread: bool = True) -> dict:
     import slimtune
 
     _torch_setup()
     probe = _SlimProbe()
     cfg = cls_config(plan, group, tmp, "cls")
-    cfg["train"]["fast_dropout"] = fast_dropout
+    if fast_dropout is not None:  # None: the config default
+        cfg["train"]["fast_dropout"] = fast_dropout
+    cfg["train"]["spread_duplicates"] = spread
     res = slimtune.run(cfg, callbacks=[probe])
     s = res.summary
     from slimtune.models import load_tokenizer, resolve
@@ -358,13 +363,15 @@ def child_cls_hf(plan, tmp, grouped: bool) -> dict:
     }
 
 
-def child_chat_slimtune(plan, tmp, group: bool, fast_dropout: bool = False) -> dict:
+def child_chat_slimtune(plan, tmp, group: bool, fast_dropout: bool | None = None, spread: bool = True) -> dict:
     import slimtune
 
     _torch_setup()
     probe = _SlimProbe()
     cfg = chat_config(plan, group, tmp, "chat")
-    cfg["train"]["fast_dropout"] = fast_dropout
+    if fast_dropout is not None:  # None: the config default
+        cfg["train"]["fast_dropout"] = fast_dropout
+    cfg["train"]["spread_duplicates"] = spread
     res = slimtune.run(cfg, callbacks=[probe])
     s = res.summary
     rss_end = rss_mb()
@@ -432,11 +439,15 @@ CHILDREN = {
     "cls/slimtune": lambda plan, tmp: child_cls_slimtune(plan, tmp, True),
     "cls/slimtune-nogroup": lambda plan, tmp: child_cls_slimtune(plan, tmp, False),
     "cls/slimtune-fastdropout": lambda plan, tmp: child_cls_slimtune(plan, tmp, True, fast_dropout=True),
+    "cls/slimtune-torchdropout": lambda plan, tmp: child_cls_slimtune(plan, tmp, True, fast_dropout=False),
+    "cls/slimtune-nospread": lambda plan, tmp: child_cls_slimtune(plan, tmp, True, spread=False),
     "cls/hf-default": lambda plan, tmp: child_cls_hf(plan, tmp, False),
     "cls/hf-grouped": lambda plan, tmp: child_cls_hf(plan, tmp, True),
     "chat/slimtune": lambda plan, tmp: child_chat_slimtune(plan, tmp, True),
     "chat/slimtune-nogroup": lambda plan, tmp: child_chat_slimtune(plan, tmp, False),
     "chat/slimtune-fastdropout": lambda plan, tmp: child_chat_slimtune(plan, tmp, True, fast_dropout=True),
+    "chat/slimtune-torchdropout": lambda plan, tmp: child_chat_slimtune(plan, tmp, True, fast_dropout=False),
+    "chat/slimtune-nospread": lambda plan, tmp: child_chat_slimtune(plan, tmp, True, spread=False),
     "chat/hf-default": lambda plan, tmp: child_chat_hf(plan, tmp, False),
     "chat/hf-grouped": lambda plan, tmp: child_chat_hf(plan, tmp, True),
 }
@@ -503,10 +514,10 @@ def summarize(results: dict, jobs: list[str]) -> tuple[str, dict]:
                  "same_trainable_params": s["trainable_params"] == b["trainable_params"]}
             if job == "cls":
                 d["test_acc_delta_points"] = (s["test_accuracy"] - b["test_accuracy"]) * 100
-                d["quality_ok"] = abs(d["test_acc_delta_points"]) <= 0.5
+                d["quality_ok"] = d["test_acc_delta_points"] >= -0.5  # equal or better
             else:
                 d["eval_loss_rel_delta"] = (s["eval_loss"] - b["eval_loss"]) / b["eval_loss"]
-                d["quality_ok"] = abs(d["eval_loss_rel_delta"]) <= 0.01
+                d["quality_ok"] = d["eval_loss_rel_delta"] <= 0.01  # equal or better (lower)
             target = 1.5 if base == "hf-default" else 1.0
             d["target"] = target
             d["throughput_ok"] = d["throughput_ratio"] >= target
@@ -515,7 +526,7 @@ def summarize(results: dict, jobs: list[str]) -> tuple[str, dict]:
                   else f"eval loss {d['eval_loss_rel_delta'] * 100:+.2f}%")
             lines.append(f"- {job}: slimtune / {base}: throughput x{d['throughput_ratio']:.2f} (target >= {target}: "
                          f"{'met' if d['throughput_ok'] else 'NOT met'}), peak RSS x{d['peak_rss_ratio']:.2f}, {qd} "
-                         f"({'within' if d['quality_ok'] else 'OUTSIDE'} tolerance)"
+                         f"({'equal or better' if d['quality_ok'] else 'WORSE than the tolerance'})"
                          + ("" if d["same_trainable_params"] else "  [WARNING: trainable parameter counts differ]"))
         lines.append("")
     return "\n".join(lines), ratios

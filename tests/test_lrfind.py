@@ -103,7 +103,8 @@ def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path):
     slimtune.run(data, callbacks=[test, seen])
     n = len(test.losses)
     assert n >= 10 and test.recorded_lrs == lrs[:n]
-    assert [row[0] for row in seen.lrs[:n]] == pytest.approx(lrs[:n])  # what the optimizer really used
+    m = min(n, len(seen.lrs))  # the range test may end the run at the last step, before _LrSeen sees it
+    assert m >= n - 1 and [row[0] for row in seen.lrs[:m]] == pytest.approx(lrs[:m])  # what the optimizer really used
     # every parameter group follows, at its own multiplier (the new head's default 10x) kept constant
     ratios = [[x / row[0] for x in row] for row in seen.lrs]
     assert all(r == pytest.approx(ratios[0]) for r in ratios) and sorted(set(round(x, 6) for x in ratios[0])) == [1.0, 10.0]

@@ -212,6 +212,15 @@ def _lengths(examples) -> list[int]:
     return [e["length"] if "length" in e else len(e["input_ids"]) for e in examples]
 
 
+def _content_keys(examples) -> list[int] | None:
+    """Equal keys for copies of one tokenized example (tokens and labels), so that length grouping can
+    spread them over batches; None for examples without tokens (images: equal length anyway)."""
+    if not examples or "input_ids" not in examples[0]:
+        return None
+    return [hash((tuple(e["input_ids"]), tuple(e["labels"]) if isinstance(e.get("labels"), list) else e.get("labels")))
+            for e in examples]
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -275,7 +284,8 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
 
     train_ex = features["train"]
     sampler = LengthGroupedBatches(_lengths(train_ex), cfg.train.batch_size, cfg.train.seed,
-                                   cfg.train.group_by_length, acc.num_processes, acc.process_index)
+                                   cfg.train.group_by_length, acc.num_processes, acc.process_index,
+                                   keys=_content_keys(train_ex) if cfg.train.group_by_length and cfg.train.spread_duplicates else None)
     collate = task.collate(tokenizer)
     # read by the collate function: the current max length (image size) under train.seq_len_schedule
     # (image_size_schedule), and the epoch (the sampler writes it; image augmentations are drawn per epoch)

@@ -6,18 +6,29 @@ shuffle the batch order (the longest batch goes first, so an out-of-memory shows
 step 1, not hours in). The order depends only on (seed, epoch), and the sampler
 shards batches across processes itself, so a resumed run sees exactly the
 batches the interrupted one would have seen.
+
+Copies of one example have the same length, so sorting puts them side by side and
+a length-grouped batch can hold several copies (a batch of 8 with 3 copies of one
+chat record learns from 6 distinct ones). Given content keys, the sampler moves such
+copies into the nearest batch of the same mega-batch that lacks them (a swap with a
+neighbour of nearly the same length, so padding barely changes). HF Trainer's
+group_by_length keeps them together; on the ChatterBot chat data (801 distinct of
+1,823 records) that cost eval loss (benchmarks/RESULTS.md, bench_core chat).
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
 
 class LengthGroupedBatches:
     def __init__(self, lengths, batch_size: int, seed: int, group_by_length: bool = True,
-                 num_replicas: int = 1, rank: int = 0, mega: int = 50):
+                 num_replicas: int = 1, rank: int = 0, mega: int = 50, keys=None):
         self.lengths = np.asarray(lengths)
+        # content keys (equal key = copies of one example): spread copies across batches; None: no spreading
+        self.keys = None if keys is None or len(set(keys)) == len(keys) else list(keys)
         self.batch_size = batch_size
         self.seed = seed
         self.group = group_by_length
@@ -45,7 +56,10 @@ class LengthGroupedBatches:
         for i in range(0, len(order), chunk):
             mb = order[i:i + chunk]
             mb = mb[np.argsort(-self.lengths[mb], kind="stable")]
-            batches += [mb[j:j + bs].tolist() for j in range(0, len(mb), bs)]
+            part = [mb[j:j + bs].tolist() for j in range(0, len(mb), bs)]
+            if self.keys is not None:
+                spread_copies(part, self.keys, self.lengths)
+            batches += part
         perm = rng.permutation(len(batches))
         batches = [batches[k] for k in perm]
         longest = max(range(len(batches)), key=lambda k: self.lengths[batches[k]].max())
@@ -64,6 +78,39 @@ class LengthGroupedBatches:
 
     def __len__(self) -> int:
         return self.per_rank() - self.start
+
+
+def spread_copies(batches: list[list[int]], keys, lengths=None) -> int:
+    """Swap copies of an example out of a batch that already holds one, in place, with the item of the
+    nearest batch (by position in the length order; of that batch, the item closest in length) that
+    neither holds that key nor brings a key the first batch has. Never creates a new repeat; returns the
+    number of swaps. Deterministic."""
+    held = [Counter(keys[i] for i in batch) for batch in batches]
+    swaps, n = 0, len(batches)
+    for b in range(n):
+        for pos in range(len(batches[b])):
+            moved = batches[b][pos]
+            k = keys[moved]
+            if held[b][k] < 2:
+                continue
+            for nb in (x for d in range(1, n) for x in (b + d, b - d) if 0 <= x < n):
+                if k in held[nb]:
+                    continue
+                options = [q for q, j in enumerate(batches[nb]) if keys[j] not in held[b]]
+                if not options:
+                    continue
+                q = min(options, key=lambda q: abs(int(lengths[batches[nb][q]]) - int(lengths[moved]))) \
+                    if lengths is not None else options[0]
+                j = batches[nb][q]
+                batches[b][pos], batches[nb][q] = j, moved
+                for where, out, into in ((b, k, keys[j]), (nb, keys[j], k)):
+                    held[where][out] -= 1
+                    if not held[where][out]:
+                        del held[where][out]
+                    held[where][into] += 1
+                swaps += 1
+                break
+    return swaps
 
 
 def eval_batches(lengths, batch_size: int) -> list[list[int]]:
