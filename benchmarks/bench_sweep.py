@@ -85,6 +85,8 @@ def sweep_config(plan: dict, out_dir: str, pruner: str) -> dict:
     cfg = base_config(plan, out_dir)
     cfg["sweep"] = {"params": SPACE, "trials": p["trials"], "sampler": "tpe", "seed": 0, "pruner": pruner,
                     "prune_after": p["prune_after"], "reduction_factor": p["reduction_factor"]}
+    if pruner != "none" and p.get("prune_on"):
+        cfg["sweep"]["prune_on"] = p["prune_on"]
     return cfg
 
 
@@ -300,6 +302,8 @@ def main(argv=None) -> int:
                     help="before each variant, wait up to this long for the 1-minute load average to fall below 1")
     ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS", str(DEFAULT_DATASETS)))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--prune-on", default=None, metavar="METRIC",
+                    help="sweep.prune_on for the pruned sweep (default: the objective, accuracy)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -321,6 +325,7 @@ def main(argv=None) -> int:
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     p = params(args.quick)
+    p["prune_on"] = args.prune_on
     tmp = tempfile.mkdtemp(prefix="slimtune-bench-sweep-")
     try:
         files = {k: str(Path(tmp) / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}

@@ -367,7 +367,7 @@ def test_prune_on_reports_another_metric_in_the_studys_sense():
     """sweep.prune_on: the pruner sees eval loss (negated for a maximizing study); the objective is unchanged."""
     from types import SimpleNamespace
 
-    from slimtune.sweep.study import intermediate_label
+    from slimtune.sweep.worker import intermediate_label
     from slimtune.sweep.worker import PruningCallback
     from slimtune.train.callbacks import PruneTraining
 
@@ -395,5 +395,10 @@ def test_prune_on_reports_another_metric_in_the_studys_sense():
     plan = {"sweep": {"prune_on": "loss"}, "monitor": "accuracy", "direction": "maximize"}
     assert intermediate_label(plan) == "-loss (pruning)"
     assert intermediate_label({**plan, "sweep": {"prune_on": None}}) == "accuracy"
+    from slimtune.sweep.worker import trial_line
+
+    pruned = SimpleNamespace(number=3, params={"train.lr": 1e-3}, state=SimpleNamespace(name="PRUNED"), last_step=2,
+                             intermediate_values={2: -0.6744}, user_attrs={"seconds": 4.0})
+    assert "trial 3 pruned at evaluation 2 (loss=0.6744)" in trial_line(pruned, plan)
     assert "sweep.prune_on: 'perplexity' is not a metric of task 'text-classification'" in space_error(
         {"train.lr": [1e-4]}, prune_on="perplexity")

@@ -27,7 +27,7 @@ import yaml
 
 from ..config import ConfigError, RunConfig, dump_config, load_config
 from ..track import atomic
-from .worker import SweepError, make_storage, recover_dead_trials, run_worker
+from .worker import SweepError, intermediate_label, make_storage, recover_dead_trials, run_worker
 
 
 @dataclass
@@ -65,17 +65,6 @@ def prepare(config, overrides=None, *, name=None, storage=None, trials=None, tim
         if value is not None:
             setattr(sw, key, value)
     return cfg, sw.name or _default_name(config)
-
-
-def intermediate_label(plan: dict) -> str:
-    """What the trials reported at each evaluation: the objective, or sweep.prune_on (negated when its sense
-    is not the study's direction)."""
-    from ..config import metric_higher_is_better
-
-    metric = plan["sweep"].get("prune_on")
-    if not metric:
-        return plan["monitor"]
-    return metric if metric_higher_is_better(metric) == (plan["direction"] == "maximize") else f"-{metric} (pruning)"
 
 
 def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name: str | None = None,

@@ -380,7 +380,7 @@ def run_worker(plan: dict, index: int = 0, log=print) -> dict:
             continue
         t = study.get_trials(deepcopy=False)
         t = next(x for x in t if x.number == objective.number)
-        log(trial_line(t, plan["monitor"]))
+        log(trial_line(t, plan))
         try:
             write_table(study, Path(plan["sweep_dir"]), plan["monitor"], list(plan["sweep"]["params"]))
         except OSError:
@@ -394,14 +394,31 @@ def run_worker(plan: dict, index: int = 0, log=print) -> dict:
     return {"trials": ran}
 
 
-def trial_line(t, monitor: str) -> str:
+def reported_metric(plan: dict) -> tuple[str, float]:
+    """(metric, sign) of what trials report at each evaluation: the objective, or sweep.prune_on, negated
+    (sign -1) when its sense is not the study's direction."""
+    from ..config import metric_higher_is_better
+
+    metric = plan["sweep"].get("prune_on")
+    if not metric:
+        return plan["monitor"], 1.0
+    return metric, 1.0 if metric_higher_is_better(metric) == (plan["direction"] == "maximize") else -1.0
+
+
+def intermediate_label(plan: dict) -> str:
+    metric, sign = reported_metric(plan)
+    return metric if sign > 0 else f"-{metric} (pruning)"
+
+
+def trial_line(t, plan: dict) -> str:
     ps = "  ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
     state = t.state.name.lower()
     if state == "complete":
-        what = f"{monitor}={t.value:.4f}"
+        what = f"{plan['monitor']}={t.value:.4f}"
     elif state == "pruned":
         last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
-        what = f"at evaluation {t.last_step}" + (f" ({monitor}={last:.4f})" if last is not None else "")
+        metric, sign = reported_metric(plan)
+        what = f"at evaluation {t.last_step}" + (f" ({metric}={sign * last:.4f})" if last is not None else "")
     else:
         what = t.user_attrs.get("error", "")
     secs = t.user_attrs.get("seconds")
