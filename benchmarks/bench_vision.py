@@ -60,7 +60,8 @@ def config(args, data: dict, out: str, name: str, schedule=None) -> dict:
         "image": {"size": args.size},
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "train": {"epochs": args.epochs, "batch_size": 32, "lr": 2e-3, "warmup": 0.05, "precision": args.precision,
-                  "image_size_schedule": schedule, "log_every": 10},
+                  "image_size_schedule": schedule, "log_every": 10, "seed": args.seed,
+                  **({"head_lr": args.head_lr} if args.head_lr else {})},
         "eval": {"every_epochs": args.epochs, "batch_size": 128},
         "track": {"energy": False},
         "output": {"dir": out, "name": name},
@@ -149,6 +150,8 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--seed", type=int, default=42, help="slimtune variants: train.seed")
+    ap.add_argument("--head-lr", type=float, default=None, help="slimtune variants: train.head_lr (default: slimtune's)")
     ap.add_argument("--variants", default="fixed,progressive,plain")
     ap.add_argument("--repeats", type=int, default=1, help="run the variants this many times, interleaved; medians")
     ap.add_argument("--child")
@@ -171,7 +174,7 @@ def main():
         res = tmp / f"result-{v}-{rep}.json"
         cmd = [sys.executable, __file__, "--child", v, "--data", json.dumps(data), "--out", str(tmp / "runs"),
                "--result", str(res), "--train", str(args.train), "--size", str(args.size), "--epochs", str(args.epochs),
-               "--precision", args.precision]
+               "--precision", args.precision, "--seed", str(args.seed)] + (["--head-lr", str(args.head_lr)] if args.head_lr else [])
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         r = json.loads(res.read_text())

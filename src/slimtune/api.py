@@ -101,7 +101,8 @@ def _model_for_task(cfg, task, source, splits, tokenizer, total_steps=None, samp
     peft_cfg = getattr(model, "peft_config", {}).get("default")
     if peft_cfg is not None:  # the id the ecosystem loads the base from, not a site-packages path
         peft_cfg.base_model_name_or_path = source.hub_id or source.path
-    model._slimtune_new_head = list(head)  # the randomly initialised head (its own lr: _lr_scale)
+    # the randomly initialised head, for its own default lr (_lr_scale) where the task asks for it
+    model._slimtune_new_head = list(head) if getattr(task, "FAST_NEW_HEAD", False) else []
     return model
 
 
@@ -119,7 +120,7 @@ HEAD_LR_MULT, HEAD_LR_MAX = 10.0, 2e-2
 
 
 def default_head_lr(lr: float) -> float:
-    """The lr of a newly initialised task head when train.head_lr is not set: 10x train.lr, at most 2e-2
+    """The lr of a newly initialised text-classification head when train.head_lr is not set: 10x train.lr, at most 2e-2
     (the linear-probe rate of the method table, `head-only`), never below train.lr. A head that starts
     from random weights at the adapters' rate learns too slowly: the adapters then reshape the features
     for a head that barely moves, and small imbalanced runs collapse onto the majority classes

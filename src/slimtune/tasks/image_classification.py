@@ -27,6 +27,10 @@ METRICS = ("accuracy", "macro_f1", "loss") + tuple(f"top{k}_accuracy" for k in T
 DEFAULT_METRICS = ("accuracy", "macro_f1", "loss")
 PEFT_TASK_TYPE = None  # peft's plain PeftModel: the model's own forward (pixel_values, labels)
 THROUGHPUT_UNIT = "samples"
+# no fast new head here (train.head_lr defaults to train.lr): on Fashion-MNIST with EfficientNet-Lite0
+# (pooled features of order 1) the 10x head cost 1.3 points at a fixed size and 4.5 with progressive
+# resizing (2 seeds; benchmarks/RESULTS.md, bench_vision)
+FAST_NEW_HEAD = False
 
 
 # -- data --------------------------------------------------------------------
