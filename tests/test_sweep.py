@@ -392,6 +392,12 @@ def test_prune_on_reports_another_metric_in_the_studys_sense():
         trial = Trial()
         PruningCallback(trial, metric=metric, maximize=maximize).on_eval_end(loop, {"accuracy": 0.5, "loss": 0.7})
         assert trial.reports == [reported]
+    # the tie-break: accuracy ties at chance are ordered by the loss, never a real accuracy difference
+    t1, t2, t3 = Trial(), Trial(), Trial()
+    PruningCallback(t1, tiebreak="loss").on_eval_end(loop, {"accuracy": 0.5, "loss": 0.7})
+    PruningCallback(t2, tiebreak="loss").on_eval_end(loop, {"accuracy": 0.5, "loss": 0.6})
+    PruningCallback(t3, tiebreak="loss").on_eval_end(loop, {"accuracy": 0.5 + 1 / 1000, "loss": 100.0})
+    assert t1.reports[0] < t2.reports[0] < 0.5 < t3.reports[0]
     plan = {"sweep": {"prune_on": "loss"}, "monitor": "accuracy", "direction": "maximize"}
     assert intermediate_label(plan) == "-loss (pruning)"
     assert intermediate_label({**plan, "sweep": {"prune_on": None}}) == "accuracy"

@@ -87,12 +87,53 @@ def test_a_new_head_gets_its_own_default_rate(tiny_bert, cls_data, tmp_path):
     cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
     res = slimtune.run(cfg)
     rec = _records(res.run_dir)[0]
-    assert rec["lr"]["head"] == pytest.approx(1e-2) and rec["lr"]["decay"] == pytest.approx(1e-3)
-    assert json.loads((res.run_dir / "param_groups.json").read_text())["lr_multipliers"] == {"head": pytest.approx(10.0)}
+    assert rec["lr"]["new_head"] == pytest.approx(1e-2) and rec["lr"]["decay"] == pytest.approx(1e-3)
+    assert json.loads((res.run_dir / "param_groups.json").read_text())["lr_multipliers"] == {"new_head": pytest.approx(10.0)}
+    # with layer decay the top group ("head": the pooler here) keeps its own rate, the new head its 10x
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "ld", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    cfg["method"]["targets"] = ["query", "value", "pooler.dense"]
+    cfg["train"]["layer_decay"] = 0.5
+    rec = _records(slimtune.run(cfg).run_dir)[0]
+    assert rec["lr"]["new_head"] == pytest.approx(1e-2) and rec["lr"]["head"] == pytest.approx(1e-3)
+    assert rec["lr"]["block.1"] == pytest.approx(5e-4)
     cfg = cls_config(tiny_bert, cls_data, tmp_path / "one", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
     cfg["train"]["head_lr"] = 1e-3  # one rate for all, as asked
     rec = _records(slimtune.run(cfg).run_dir)[0]
-    assert rec["lr"]["head"] == pytest.approx(1e-3)
+    assert rec["lr"]["head"] == pytest.approx(1e-3) and "new_head" not in rec["lr"]
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "probe", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    cfg["method"] = {"name": "head-only"}  # the method's lr is the head's: no boost
+    rec = _records(slimtune.run(cfg).run_dir)[0]
+    assert "new_head" not in rec["lr"] and all(v == pytest.approx(1e-3) for v in rec["lr"].values())
+
+
+class _StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, loop):
+        if loop.state["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_run_saved_before_the_head_default_resumes_as_it_started(tiny_bert, cls_data, tmp_path, monkeypatch):
+    """A config.yaml without train.spread_duplicates comes from before that option and the fast head: the run
+    resumes with one lr for the head and copies not spread, so its checkpoint's optimizer groups still fit."""
+    import yaml
+
+    from slimtune.tasks import text_classification
+
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=6, log_every=1)
+    monkeypatch.setattr(text_classification, "FAST_NEW_HEAD", False)  # as the code was then
+    with pytest.raises(KeyboardInterrupt):
+        slimtune.run(cfg, callbacks=[_StopAt(3)])
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["train"]["spread_duplicates"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    res = slimtune.run(None, resume=run_dir)
+    assert res.summary["status"] == "completed" and res.summary["steps"] == 6
+    assert "new_head" not in _records(run_dir)[-1]["lr"]
 
 
 def test_lora_plus_composes_with_layer_decay(tiny_bert, cls_data, tmp_path):

@@ -101,8 +101,11 @@ def _model_for_task(cfg, task, source, splits, tokenizer, total_steps=None, samp
     peft_cfg = getattr(model, "peft_config", {}).get("default")
     if peft_cfg is not None:  # the id the ecosystem loads the base from, not a site-packages path
         peft_cfg.base_model_name_or_path = source.hub_id or source.path
-    # the randomly initialised head, for its own default lr (_lr_scale) where the task asks for it
-    model._slimtune_new_head = list(head) if getattr(task, "FAST_NEW_HEAD", False) else []
+    # the randomly initialised head, for its own default lr (_lr_scale) where the task asks for it; not when the
+    # checkpoint had its head already, nor for head-only (the method's lr is the head's)
+    fast = getattr(task, "FAST_NEW_HEAD", False) and getattr(model, "_slimtune_head_is_new", True) \
+        and cfg.method.name != "head-only"
+    model._slimtune_new_head = list(head) if fast else []
     return model
 
 
@@ -149,16 +152,16 @@ def _lr_scale(cfg, method, groups, head: list[str] | None = None):
         if mults is not None:
             g = groups.of_param.get(name, "head")
             m = mults[g]
-        if head_mult != 1.0 and _is_head_param(name, head):
-            g, m = "head", m * head_mult
+        if head_mult != 1.0 and _is_head_param(name, head):  # its own group: "head" may also hold the pooler /
+            g, m = "new_head", m * head_mult                      # norms / soft prompts at another rate
         own = method.lr_scale(name, cfg.method) if method.lr_scale else None
         if own:
             g, m = (f"{g}/{own[0]}" if g else own[0]), m * own[1]
         return (g, m) if g else None
 
     reported = mults
-    if head_mult != 1.0:  # param_groups.json: the head's multiplier as applied
-        reported = {**(mults or {}), "head": (mults or {}).get("head", 1.0) * head_mult}
+    if head_mult != 1.0:  # param_groups.json: the new head's multiplier as applied
+        reported = {**(mults or {}), "new_head": (mults or {}).get("head", 1.0) * head_mult}
     return (scale if (reported is not None or method.lr_scale) else None), reported
 
 
@@ -232,6 +235,19 @@ def count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
+def _legacy_defaults(saved: Path, cfg) -> bool:
+    """A run saved before `train.spread_duplicates` and the new head's own default lr existed resumes with the
+    behaviour it started with (copies not spread, one lr for the head): its batches and optimizer groups
+    must match its checkpoint. Such a config.yaml lacks the key (every later one holds all defaults)."""
+    import yaml
+
+    train = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("train") or {}
+    if "spread_duplicates" in train:
+        return False
+    cfg.train.spread_duplicates = False
+    return True
+
+
 def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None,
         callbacks: list | None = None) -> RunResult:
     """Fine-tune as the config says; returns the metrics and the run folder.
@@ -249,8 +265,10 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         if not (resume / "checkpoints" / "last" / "state.json").is_file():
             raise FileNotFoundError(f"{resume}: no checkpoint to resume from (checkpoints/last is missing)")
         cfg = load_config(resume / "config.yaml", overrides)
+        legacy = _legacy_defaults(resume / "config.yaml", cfg)
     else:
         cfg = load_config(config, overrides)
+        legacy = False
     task = get_task(cfg.task)
     env_check = get_method(cfg.method.name).check_environment
     if env_check:
@@ -319,7 +337,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
               f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {acc.mixed_precision}")
     method = get_method(cfg.method.name)
     groups = split_groups(model)
-    lr_scale, mults = _lr_scale(cfg, method, groups, getattr(model, "_slimtune_new_head", None))
+    lr_scale, mults = _lr_scale(cfg, method, groups, None if legacy else getattr(model, "_slimtune_new_head", None))
     if acc.is_main_process:
         rd.write_json("param_groups.json", {"groups": groups.names, "lr_multipliers": mults, "note": groups.note,
                                             "trainable_per_group": _trainable_per_group(model, groups)})

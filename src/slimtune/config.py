@@ -265,9 +265,10 @@ class RunConfig(StrictModel):
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
         if self.eval.monitor is not None and self.eval.monitor not in known:
             raise ValueError(f"eval.monitor: {self.eval.monitor!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
-        prune_on = self.sweep.prune_on if self.sweep is not None else None
-        if prune_on is not None and prune_on not in known:
-            raise ValueError(f"sweep.prune_on: {prune_on!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
+        for key in ("prune_on", "prune_tiebreak"):
+            m = getattr(self.sweep, key) if self.sweep is not None else None
+            if m is not None and m not in known:
+                raise ValueError(f"sweep.{key}: {m!r} is not a metric of task {self.task!r}; accepted: {', '.join(known)}")
         return self
 
     # resolved defaults ---------------------------------------------------

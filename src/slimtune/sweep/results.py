@@ -22,7 +22,9 @@ def trial_rows(study, monitor: str, order: list[str] | None = None) -> list[dict
     rows = []
     for t in trials:
         ua = t.user_attrs
-        row = {"number": t.number, "state": t.state.name.lower(), monitor: t.value if t.value is not None else None}
+        # a pruned trial's value is its last report to the pruner (sweep.prune_on, tie-break): not the objective
+        value = t.value if t.state.name == "COMPLETE" else None
+        row = {"number": t.number, "state": t.state.name.lower(), monitor: value}
         row.update({k: t.params.get(k) for k in keys})
         row["evals"] = ua.get("evals")
         row["pruned_at_eval"] = t.last_step if t.state.name == "PRUNED" else None

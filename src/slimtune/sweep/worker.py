@@ -16,6 +16,7 @@ parameters again, once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -207,11 +208,15 @@ class PruningCallback:
     first evaluations, and judging it there prunes good settings. In the sweep benchmark that is
     what pruned the best trial of the unpruned search at its first evaluation)."""
 
-    def __init__(self, trial, enabled: bool = True, metric: str | None = None, maximize: bool = True):
+    TIE_EPS = 1e-9  # the tie-break's weight: far below any real difference of an eval metric
+
+    def __init__(self, trial, enabled: bool = True, metric: str | None = None, maximize: bool = True,
+                 tiebreak: str | None = None):
         self.trial = trial
         self.enabled = enabled
         self.metric = metric  # sweep.prune_on; None: the run's monitored metric (the objective)
         self.maximize = maximize  # the study's direction: a metric of the other sense is reported negated
+        self.tiebreak = tiebreak  # sweep.prune_tiebreak: orders trials that tie on the reported metric
         self.reports = 0
         self.reason = None
 
@@ -223,7 +228,12 @@ class PruningCallback:
         name = self.metric or loop.monitor
         value = float(metrics[name])
         same_sense = True if self.metric is None else metric_higher_is_better(name) == self.maximize
-        self.trial.report(value if same_sense else -value, self.reports)
+        reported = value if same_sense else -value
+        tb = metrics.get(self.tiebreak) if self.tiebreak and self.tiebreak != name else None
+        if tb is not None and math.isfinite(float(tb)):  # e.g. accuracy ties at chance, broken by the loss
+            tb = max(-1e3, min(1e3, float(tb)))
+            reported += self.TIE_EPS * (tb if metric_higher_is_better(self.tiebreak) == self.maximize else -tb)
+        self.trial.report(reported, self.reports)
         step = loop.state["step"]
         if self.enabled and (getattr(loop, "warmup", 0) or 0) < step < loop.total_steps and self.trial.should_prune():
             self.reason = (f"pruned by the sweep at evaluation {self.reports} (step {loop.state['step']} of "
@@ -283,12 +293,16 @@ class Objective:
         name = f"trial-{trial.number:04d}"
         data["output"] = {**(data.get("output") or {}), "dir": str(Path(self.plan["sweep_dir"]) / "trials"), "name": name}
         trial.set_user_attr("run_dir", str(Path(self.plan["sweep_dir"]) / "trials" / name))
-        prune_on = self.plan["sweep"].get("prune_on")
-        metrics = (data.get("eval") or {}).get("metrics")
-        if prune_on and metrics and prune_on not in metrics:  # the pruner's metric is computed at every evaluation
-            data["eval"] = {**data["eval"], "metrics": [*metrics, prune_on]}
+        prune_on, tiebreak = self.plan["sweep"].get("prune_on"), self.plan["sweep"].get("prune_tiebreak")
+        from ..tasks import get_task
+
+        metrics = list((data.get("eval") or {}).get("metrics") or get_task(data.get("task")).DEFAULT_METRICS)
+        for m in (prune_on, tiebreak):  # the pruner's metrics are computed at every evaluation
+            if m and m not in metrics:
+                metrics.append(m)
+                data["eval"] = {**(data.get("eval") or {}), "metrics": metrics}
         cb = PruningCallback(trial, enabled=self.plan["sweep"]["pruner"] != "none", metric=prune_on,
-                             maximize=self.plan["direction"] == "maximize")
+                             maximize=self.plan["direction"] == "maximize", tiebreak=tiebreak)
         t0 = time.time()
         try:
             result = api.run(data, callbacks=[cb])

@@ -78,6 +78,7 @@ def load_model(cfg, source, splits, **load_kwargs):
     )
     # the head is whatever from_pretrained had to initialise (classifier / score), trained in full
     head = sorted({m.split(".")[0] for m in new_modules}) or [n for n in ("classifier", "score") if hasattr(model, n)]
+    model._slimtune_head_is_new = bool(new_modules)  # a classifier checkpoint's own head: no fast-head default
     return model, head
 
 
