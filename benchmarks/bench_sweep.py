@@ -85,8 +85,10 @@ def sweep_config(plan: dict, out_dir: str, pruner: str) -> dict:
     cfg = base_config(plan, out_dir)
     cfg["sweep"] = {"params": SPACE, "trials": p["trials"], "sampler": "tpe", "seed": 0, "pruner": pruner,
                     "prune_after": p["prune_after"], "reduction_factor": p["reduction_factor"]}
-    if pruner != "none" and p.get("prune_on"):
-        cfg["sweep"]["prune_on"] = p["prune_on"]
+    if pruner != "none":
+        for key in ("prune_on", "prune_tiebreak"):
+            if p.get(key):
+                cfg["sweep"][key] = p[key]
     return cfg
 
 
@@ -304,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--prune-on", default=None, metavar="METRIC",
                     help="sweep.prune_on for the pruned sweep (default: the objective, accuracy)")
+    ap.add_argument("--prune-tiebreak", default=None, metavar="METRIC",
+                    help="sweep.prune_tiebreak for the pruned sweep (default: slimtune's, off)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -326,6 +330,7 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     p = params(args.quick)
     p["prune_on"] = args.prune_on
+    p["prune_tiebreak"] = args.prune_tiebreak
     tmp = tempfile.mkdtemp(prefix="slimtune-bench-sweep-")
     try:
         files = {k: str(Path(tmp) / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}

@@ -144,9 +144,10 @@ class SweepConfig(StrictModel):
         "'loss' tells trials apart that tie on accuracy early on (on a small eval set every trial still predicting the "
         "majority class has the same accuracy, and successive-halving promotes ties); the objective stays eval.monitor")
     prune_tiebreak: str | None = Field(
-        "loss", description="an eval metric that orders trials which tie on the pruned metric (weight 1e-9: it never "
-        "outweighs a real difference). Early on, trials still predicting the majority class tie on accuracy, and "
-        "successive-halving promotes all of them; null: no tie-break")
+        None, description="an eval metric that orders trials which tie on the pruned metric (weight 1e-9: it never "
+        "outweighs a real difference), e.g. loss: early on, trials still predicting the majority class tie on accuracy, "
+        "and successive-halving promotes all of them. Off by default: on SST-2 it pruned more (0.34x the unpruned wall "
+        "time instead of 0.47x) but also the slow-starting trials that end best (benchmarks/RESULTS.md, bench_sweep)")
     startup_trials: int = Field(3, ge=0, description="median pruner: trials that run to the end before pruning starts")
     reduction_factor: int = Field(3, ge=2, description="successive-halving / hyperband: only the best 1/reduction_factor "
                                   "of the trials at each rung go on")
