@@ -306,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--prune-on", default=None, metavar="METRIC",
                     help="sweep.prune_on for the pruned sweep (default: the objective, accuracy)")
+    ap.add_argument("--prune-after", type=int, default=None, metavar="N",
+                    help="sweep.prune_after for the pruned sweep (default 1: from the first evaluation)")
     ap.add_argument("--prune-tiebreak", default=None, metavar="METRIC",
                     help="sweep.prune_tiebreak for the pruned sweep (default: slimtune's, off)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -331,6 +333,8 @@ def main(argv=None) -> int:
     p = params(args.quick)
     p["prune_on"] = args.prune_on
     p["prune_tiebreak"] = args.prune_tiebreak
+    if args.prune_after:
+        p["prune_after"] = args.prune_after
     tmp = tempfile.mkdtemp(prefix="slimtune-bench-sweep-")
     try:
         files = {k: str(Path(tmp) / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}
