@@ -106,15 +106,6 @@ def test_a_new_head_gets_its_own_default_rate(tiny_bert, cls_data, tmp_path):
     assert "new_head" not in rec["lr"] and all(v == pytest.approx(1e-3) for v in rec["lr"].values())
 
 
-class _StopAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, loop):
-        if loop.state["step"] == self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_run_saved_before_the_head_default_resumes_as_it_started(tiny_bert, cls_data, tmp_path, monkeypatch):
     """A config.yaml without train.spread_duplicates comes from before that option and the fast head: the run
     resumes with one lr for the head and copies not spread, so its checkpoint's optimizer groups still fit."""
@@ -125,7 +116,7 @@ def test_a_run_saved_before_the_head_default_resumes_as_it_started(tiny_bert, cl
     cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=6, log_every=1)
     monkeypatch.setattr(text_classification, "FAST_NEW_HEAD", False)  # as the code was then
     with pytest.raises(KeyboardInterrupt):
-        slimtune.run(cfg, callbacks=[_StopAt(3)])
+        slimtune.run(cfg, callbacks=[_Interrupt(3)])
     monkeypatch.undo()
     run_dir = tmp_path / "run"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
