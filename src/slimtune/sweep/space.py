@@ -150,8 +150,8 @@ class SweepConfig(StrictModel):
         "time instead of 0.47x) but also the slow-starting trials that end best (benchmarks/RESULTS.md, bench_sweep)")
     startup_trials: int = Field(3, ge=0, description="median pruner: trials that run to the end before pruning starts")
     reduction_factor: int = Field(3, ge=2, description="successive-halving / hyperband: only the best 1/reduction_factor "
-                                  "of the trials at each rung go on (successive-halving on SST-2: 4 was the best trade-off, "
-                                  "0.37x the unpruned time; benchmarks/RESULTS.md, bench_prune_replay)")
+                                  "of the trials at each rung go on (successive-halving on SST-2: 4 was at least as good as 3, "
+                                  "0.37x the unpruned time in a replay of 1,000 sweeps, 0.38x measured; benchmarks/RESULTS.md)")
     direction: Literal["auto", "maximize", "minimize"] = Field(
         "auto", description="objective direction; auto: from eval.monitor / eval.mode (maximize accuracy, minimize loss)")
     storage: str | None = Field(None, description="optuna storage URL; default: SQLite in the sweep folder. A shared "
