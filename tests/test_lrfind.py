@@ -92,11 +92,14 @@ class _LrSeen:
         self.lrs.append([g["lr"] for g in loop.optimizer.param_groups])
 
 
-@pytest.mark.parametrize("train", [{}, {"head_lr": 5e-2}], ids=["default-head-lr", "explicit-head-lr"])
-def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path, train):
+@pytest.mark.parametrize("train,method,mults", [({}, "lora", [1.0]), ({"head_lr": 5e-2}, "lora", [1.0]),
+                                                ({}, "lora-plus", [1.0, 16.0])],
+                         ids=["default-head-lr", "explicit-head-lr", "lora-plus"])
+def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path, train, method, mults):
     import slimtune
 
     cfg = cls_config(tiny_bert, cls_data, tmp_path / "runs", **train)
+    cfg["method"]["name"] = method
     lrs = lr_schedule(1e-4, 1.0, 30)
     test, seen = RangeTest(lrs), _LrSeen()
     data = range_config(cfg, 30, 1e-4, str(tmp_path / "tmp"))
@@ -105,11 +108,12 @@ def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path, tra
     n = len(test.losses)
     assert n >= 10 and test.recorded_lrs == lrs[:n]
     m = min(n, len(seen.lrs))  # the range test may end the run at the last step, before _LrSeen sees it
-    assert m >= n - 1 and [row[0] for row in seen.lrs[:m]] == pytest.approx(lrs[:m])  # what the optimizer really used
-    # every parameter group follows the swept lr; the new head too, at 1x: neither its default 10x nor an absolute
-    # train.head_lr (which a multiplier of head_lr / start_lr would blow up to 500x here)
-    ratios = [[x / row[0] for x in row] for row in seen.lrs]
-    assert len(ratios[0]) > 1 and all(r == pytest.approx([1.0] * len(r)) for r in ratios)
+    assert m >= n - 1 and [min(row) for row in seen.lrs[:m]] == pytest.approx(lrs[:m])  # what the optimizer really used
+    # every parameter group follows the swept lr at its own multiplier, kept constant (LoRA+'s 16x for B); the new
+    # head at 1x: neither its default 10x nor an absolute train.head_lr (head_lr / start_lr would be 500x here)
+    ratios = [[x / min(row) for x in row] for row in seen.lrs]
+    assert len(ratios[0]) > 1 and all(r == pytest.approx(ratios[0]) for r in ratios)
+    assert sorted(set(round(x, 6) for x in ratios[0])) == mults
     assert all(math.isfinite(l) for l in test.losses[:5])
 
 

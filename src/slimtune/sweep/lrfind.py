@@ -4,7 +4,8 @@ Train from the config's model, data and method for a few hundred steps while the
 grows exponentially from `start_lr` to `end_lr`; record the training loss at every step; stop
 early once the smoothed loss exceeds 4x its minimum (divergence). Suggest the learning rate where
 the loss falls fastest (the rule is `RULE`). The training itself is a normal `slimtune.run()` in a
-temporary folder (the same model / method / optimizer set-up as a real run) that is deleted
+temporary folder (the same model / method / optimizer set-up as a real run, except that a classification
+head moves at 1x the swept lr: see range_config) that is deleted
 afterwards: no run folder, model or checkpoint is written or changed. What stays: a folder with
 lr_find.png (loss vs lr) and lr_find.json (lrs, losses, suggestion, rule), and with `apply`
 a copy of the config with train.lr set (`<config stem>.lr.yaml` next to it).
@@ -179,7 +180,7 @@ def range_config(base: dict, steps: int, start_lr: float, out_dir: str) -> dict:
     # The new head moves with the swept lr at 1x, not at its run-time rate (10x train.lr by default, or an
     # absolute train.head_lr, which RangeTest would scale as head_lr / start_lr). At 10x the head's own
     # overshoot turns the curve up an order of magnitude early: on SST-2 the suggestion fell to 2.9e-4 (a run
-    # there: test 77.4) while the sweeps' best lrs are 1.7e-3 to 2.2e-3; at 1x it is 2.4e-3 (test 79.5).
+    # there: test 77.4) while the sweeps' best trials lie at 1.7e-3 to 2.2e-3; at 1x it is 2.4e-3 (test 79.5).
     # head_lr == lr is a multiplier of 1 for the head and changes no other group's rate.
     train["head_lr"] = start_lr
     train["early_stopping"] = {**(train.get("early_stopping") or {}), "patience": None}
