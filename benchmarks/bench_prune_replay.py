@@ -172,18 +172,14 @@ def parse_rule(name: str) -> dict:
 
 
 def make_pruner(rule: dict):
+    """The pruner `slimtune sweep` builds for these settings (worker.make_pruner), optionally wrapped."""
     import optuna
 
-    kind, after, rf = rule["kind"], rule["after"], rule["rf"]
-    if kind == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=rule["startup"], n_warmup_steps=after)
-    elif kind == "successive-halving":
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=after, reduction_factor=rf)
-    elif kind == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=after, reduction_factor=rf)  # max_resource "auto", as the worker
-    else:
-        return optuna.pruners.NopPruner()
-    if rule["patience"] is not None:  # asks the pruner only once the trial stopped improving
+    from slimtune.sweep.worker import make_pruner as sweep_pruner
+
+    pruner = sweep_pruner({"pruner": rule["kind"], "startup_trials": rule["startup"], "prune_after": rule["after"],
+                           "reduction_factor": rule["rf"]})
+    if rule["patience"] is not None and rule["kind"] != "none":  # asks the pruner only once the trial stopped improving
         pruner = optuna.pruners.PatientPruner(pruner, patience=rule["patience"])
     return pruner
 

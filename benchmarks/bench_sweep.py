@@ -228,14 +228,12 @@ def child_hf(plan: dict, tmp: str) -> dict:
                       data_collator=DataCollatorWithPadding(tok), processing_class=tok, callbacks=[cb],
                       compute_metrics=lambda ev: {"accuracy": float((np.argmax(ev.predictions, -1) == ev.label_ids).mean())})
     cb.trainer = trainer
-    # the pruned sweep's pruner, in HF's unit (optimizer steps: one evaluation = eval_every steps)
-    first = p["eval_every"] * p["prune_after"]
-    if p["pruner"] == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
-    elif p["pruner"] == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=first, reduction_factor=p["reduction_factor"])
-    else:
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=p["reduction_factor"])
+    # the pruned sweep's pruner (slimtune's worker builds it), in HF's unit: optimizer steps, one evaluation =
+    # eval_every steps
+    from slimtune.sweep.worker import make_pruner
+
+    pruner = make_pruner({"pruner": p["pruner"], "startup_trials": 3, "prune_after": p["eval_every"] * p["prune_after"],
+                          "reduction_factor": p["reduction_factor"]})
     t0 = time.perf_counter()
     best = trainer.hyperparameter_search(
         hp_space=hp_space, compute_objective=lambda m: m["eval_accuracy"], n_trials=p["trials"], direction="maximize",
