@@ -285,6 +285,60 @@ def test_single_label(tmp_path):
     assert str(train) in msg and "single label" in msg and "'pos'" in msg and "'label'" in msg
 
 
+@pytest.mark.parametrize("where", ["train", "eval", "test"])
+def test_empty_labels_are_an_error_naming_file_column_records(tmp_path, where):
+    rows = unique_rows(40)
+    for i in (2, 5, 9):
+        rows[i]["label"] = " " if i == 5 else ""
+    files = {k: tmp_path / f"{k}.csv" for k in ("train", "eval", "test")}
+    for k, f in files.items():
+        write_csv(f, rows if k == where else unique_rows(20, seed=3))
+    msg = data_error(TC.load_data, cfg_for("text-classification", files["train"], eval=files["eval"], test=files["test"]))
+    assert str(files[where]) in msg and "'label'" in msg and "3 empty or missing label(s)" in msg, msg
+    assert "records 3, 6, 10" in msg, msg  # 1-based: the first data row is record 1
+
+
+def test_missing_jsonl_labels_are_not_a_class_none(tmp_path):
+    rows = unique_rows(30)
+    rows[4] = {"text": "no label here"}
+    rows[7]["label"] = None
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    msg = data_error(TC.load_data, cfg_for("text-classification", train))  # eval carved out of train
+    assert str(train) in msg and "2 empty or missing label(s) (records 5, 8)" in msg, msg
+
+
+def test_empty_labels_in_an_eval_file_for_slimtune_eval(tmp_path):
+    from slimtune.data.validate import DataReport
+    from slimtune.tasks.common import Splits
+
+    train = write_csv(tmp_path / "train.csv", unique_rows(20))
+    cfg = cfg_for("text-classification", train)
+    rows = unique_rows(6, seed=2)
+    rows[1]["label"] = ""
+    other = write_csv(tmp_path / "other.csv", rows)
+    splits = Splits(None, None, read_source(str(other)), DataReport(), meta={"labels": ["neg", "pos"]},
+                    sources={"test": str(other)})
+    msg = data_error(TC.check_eval_data, cfg, splits)
+    assert str(other) in msg and "1 empty or missing label(s) (record 2)" in msg, msg
+
+
+def test_empty_texts_are_counted_in_the_report(tmp_path):
+    rows = unique_rows(40)
+    rows[0]["text"], rows[3]["text"], rows[8]["text"] = "", "   ", ""
+    train = write_csv(tmp_path / "train.csv", rows)
+    ev_rows = labelled({"pos": 3, "neg": 3}, start=1000)
+    ev_rows[2]["text"] = " "
+    ev = write_csv(tmp_path / "eval.csv", ev_rows)
+    splits = TC.load_data(cfg_for("text-classification", train, eval=ev))
+    empty = [w for w in splits.report.warnings if "empty or whitespace-only" in w]
+    assert len(empty) == 2, splits.report.warnings
+    assert empty[0].startswith(str(train)) and "'text'" in empty[0] and "3 empty or whitespace-only text(s) (records 1, 4, 9)" in empty[0]
+    assert empty[1].startswith(str(ev)) and "1 empty or whitespace-only text(s) (record 3)" in empty[1]
+    assert splits.report.stats["empty_texts"] == {f"{train} (text)": 3, f"{ev} (text)": 1}
+    clean = TC.load_data(cfg_for("text-classification", write_csv(tmp_path / "clean.csv", unique_rows(40))))
+    assert not any("empty" in w for w in clean.report.warnings) and "empty_texts" not in clean.report.stats
+
+
 def test_duplicates_warn(tmp_path):
     rows = unique_rows(40)
     rows += [dict(rows[0]), dict(rows[0]), dict(rows[1])]  # 3 extra copies

@@ -196,6 +196,21 @@ def test_label_checks(tmp_path):
     assert splits.meta["labels"] == list(QUADRANTS)
 
 
+def test_empty_image_labels_are_an_error(tmp_path):
+    from slimtune.config import load_config
+    from slimtune.data.readers import DataError
+    from slimtune.tasks.image_classification import load_data
+
+    root = write_image_folder(tmp_path / "imgs", 3, modes=("RGB",))
+    rows = [(f"imgs/{q}/{i}.png", q) for q in QUADRANTS for i in range(3) if (root / q / f"{i}.png").exists()]
+    rows[1] = (rows[1][0], "")
+    (tmp_path / "data.csv").write_text("image,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    with pytest.raises(DataError) as e:
+        load_data(load_config(image_config("unused", str(tmp_path / "data.csv"), tmp_path / "r")))
+    msg = str(e.value)
+    assert str(tmp_path / "data.csv") in msg and "'label'" in msg and "1 empty or missing label(s) (record 2)" in msg, msg
+
+
 # -- transforms and schedule ---------------------------------------------------
 
 def test_transforms_sizes_and_normalisation():

@@ -181,8 +181,10 @@ def read_npz(path: Path) -> ImageTable:
     images, labels = z[xk], z[yk]
     if images.ndim not in (3, 4) or len(labels) != len(images):
         raise DataError(f"{path}: images {images.shape} and labels {labels.shape} do not match (N x H x W [x C] and N)")
+    from .validate import label_values
+
     store = ArrayStore(images, str(path))
-    return ImageTable([("array", store, i) for i in range(len(images))], [str(y).strip() for y in labels.tolist()], str(path))
+    return ImageTable([("array", store, i) for i in range(len(images))], label_values(labels.tolist(), str(path), yk), str(path))
 
 
 def read_folder(path: Path) -> ImageTable:
@@ -202,12 +204,12 @@ def read_folder(path: Path) -> ImageTable:
 
 def read_table(source: str, image_column: str, label_column: str) -> ImageTable:
     from .readers import read_source
-    from .validate import require_columns
+    from .validate import label_values, require_columns
 
     ds = read_source(source)
     require_columns(ds, [image_column, label_column], source,
                     {image_column: "data.image_column", label_column: "data.label_column"})
-    labels = [str(x).strip() for x in ds[label_column]]
+    labels = label_values(ds[label_column], source, label_column)
     feature = ds.features.get(image_column)
     if type(feature).__name__ == "Image" or not isinstance(ds[0][image_column], str):
         # a `datasets` image column (hf: sources, saved folders): keep the table, decode rows lazily

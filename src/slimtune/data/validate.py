@@ -1,12 +1,13 @@
 """Checks on the data before any compute: errors stop the run, warnings are reported.
 
 Errors: missing file / non-UTF-8 (readers.py), missing column, empty split,
-eval labels never seen in training, a class too small to split.
-Warnings: duplicates, train/eval overlap, class imbalance (truncation share is
-measured after tokenization, in the task).
+empty or missing labels, eval labels never seen in training, a class too small to split.
+Warnings: empty or whitespace-only texts, duplicates, train/eval overlap, class imbalance
+(truncation share is measured after tokenization, in the task).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -36,6 +37,38 @@ def require_columns(ds: Dataset, columns: list[str], source: str, key_hint: dict
 def require_nonempty(ds: Dataset, split: str, source: str) -> None:
     if len(ds) == 0:
         raise DataError(f"{source}: the {split} split is empty (0 examples)")
+
+
+def _blank(value) -> bool:
+    """A missing cell: None (JSONL key absent / null), NaN (Parquet, pandas), or only whitespace."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
+def _records(idx: list[int], shown: int = 5) -> str:
+    """1-based record numbers (the first data row of a CSV is record 1), the first few."""
+    head = ", ".join(str(i + 1) for i in idx[:shown])
+    return f"record {head}" if len(idx) == 1 else f"records {head}" + (", ..." if len(idx) > shown else "")
+
+
+def label_values(values, source: str, column: str) -> list[str]:
+    """The labels as stripped strings. An empty or missing label is an error: read as text it would
+    become a class '' (or 'None' / 'nan') that the model is trained to predict."""
+    missing = [i for i, v in enumerate(values) if _blank(v)]
+    if missing:
+        raise DataError(
+            f"{source}: column {column!r} has {len(missing)} empty or missing label(s) ({_records(missing)}); "
+            "every example needs a label: fill them in or drop those rows"
+        )
+    return [str(v).strip() for v in values]
+
+
+def empty_text_warning(report: DataReport, values, source: str, column: str) -> None:
+    """Empty or whitespace-only texts train on the special tokens alone: counted, with the first records."""
+    empty = [i for i, v in enumerate(values) if _blank(v)]
+    if empty:
+        report.stats.setdefault("empty_texts", {})[f"{source} ({column})"] = len(empty)
+        report.warn(f"{source}: column {column!r} has {len(empty)} empty or whitespace-only text(s) ({_records(empty)}); "
+                    "the model sees only its special tokens for them")
 
 
 def check_class_sizes(labels: list[str], source: str, minimum: int) -> None:

@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from ..data.readers import read_source
 from ..data.splits import split_indices
-from ..data.validate import DataReport, require_nonempty
+from ..data.validate import DataReport, empty_text_warning, label_values, require_nonempty
 
 
 @dataclass
@@ -29,25 +29,36 @@ class Splits:
                 yield name, split
 
 
-def read_splits(cfg, stratify_column: str | None, check_columns) -> Splits:
-    """Read train / eval / test, check columns, carve eval out of train when absent."""
+def read_splits(cfg, stratify_column: str | None, check_columns, text_columns=()) -> Splits:
+    """Read train / eval / test, check columns, carve eval out of train when absent.
+
+    `stratify_column`: the label column (classification): every file's labels are checked and the
+    carved eval split is stratified by them. `text_columns`: empty texts are counted in the report.
+    The checks run on each file as read, so the record numbers they name are the file's."""
     d = cfg.data
     report = DataReport()
-    train = read_source(d.train)
-    check_columns(train, d.train)
-    require_nonempty(train, "train", d.train)
+
+    def read(source: str, split: str) -> Dataset:
+        ds = read_source(source)
+        check_columns(ds, source)
+        require_nonempty(ds, split, source)
+        if stratify_column:
+            label_values(ds[stratify_column], source, stratify_column)
+        for col in text_columns:
+            empty_text_warning(report, ds[col], source, col)
+        return ds
+
+    train = read(d.train, "train")
     sources = {"train": d.train}
     if d.eval:
-        ev = read_source(d.eval)
-        check_columns(ev, d.eval)
-        require_nonempty(ev, "eval", d.eval)
+        ev = read(d.eval, "eval")
         sources["eval"] = d.eval
     else:
         labels = None
         if stratify_column:
             from ..data.validate import check_class_sizes
 
-            labels = [str(x).strip() for x in train[stratify_column]]
+            labels = label_values(train[stratify_column], d.train, stratify_column)
             check_class_sizes(labels, f"{d.train} (column {stratify_column!r})", d.min_class_examples)
         if len(train) < 2:
             raise_small(d.train, len(train))
@@ -58,9 +69,7 @@ def read_splits(cfg, stratify_column: str | None, check_columns) -> Splits:
         report.stats["eval_carved_out"] = True
     test = None
     if d.test:
-        test = read_source(d.test)
-        check_columns(test, d.test)
-        require_nonempty(test, "test", d.test)
+        test = read(d.test, "test")
         sources["test"] = d.test
     if d.max_train_samples and len(train) > d.max_train_samples:
         train = train.shuffle(seed=d.split_seed).select(range(d.max_train_samples))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.validate import check_unseen_labels, imbalance_warning, require_columns, text_warnings
+from ..data.validate import check_unseen_labels, imbalance_warning, label_values, require_columns, text_warnings
 from .common import Splits, accuracy, macro_f1, pad_batch, read_splits, truncation_warning
 
 METRICS = ("accuracy", "macro_f1", "loss")
@@ -26,14 +26,19 @@ def _columns(cfg):
     return cols
 
 
-def _labels(ds, column):
-    return [str(x).strip() for x in ds[column]]
+def _labels(ds, column, source="data"):
+    return label_values(ds[column], source, column)
+
+
+def _texts(ds, column) -> list[str]:
+    return ["" if t is None else str(t) for t in ds[column]]  # a missing JSONL value is empty, not the text 'None'
 
 
 def load_data(cfg) -> Splits:
     d = cfg.data
     cols = _columns(cfg)
-    splits = read_splits(cfg, d.label_column, lambda ds, src: require_columns(ds, list(cols), src, cols))
+    text_cols = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
+    splits = read_splits(cfg, d.label_column, lambda ds, src: require_columns(ds, list(cols), src, cols), text_cols)
     train_labels = _labels(splits.train, d.label_column)
     for name in ("eval", "test"):
         ds = getattr(splits, name)
@@ -45,10 +50,10 @@ def load_data(cfg) -> Splits:
 
         raise DataError(f"{d.train}: column {d.label_column!r} has a single label {labels[0]!r}; classification needs at least 2")
     splits.meta["labels"] = labels
-    texts = [str(t) for t in splits.train[d.text_column]]
-    others = {"eval": [str(t) for t in splits.eval[d.text_column]]}
+    texts = _texts(splits.train, d.text_column)
+    others = {"eval": _texts(splits.eval, d.text_column)}
     if splits.test is not None:
-        others["test"] = [str(t) for t in splits.test[d.text_column]]
+        others["test"] = _texts(splits.test, d.text_column)
     text_warnings(splits.report, "train", texts, others)
     imbalance_warning(splits.report, train_labels)
     return splits
@@ -62,7 +67,7 @@ def check_eval_data(cfg, splits: Splits) -> None:
     src = splits.sources["test"]
     require_columns(splits.test, list(cols), src, cols)
     require_nonempty(splits.test, "eval", src)
-    check_unseen_labels(splits.meta["labels"], _labels(splits.test, cfg.data.label_column), src, cfg.data.label_column)
+    check_unseen_labels(splits.meta["labels"], _labels(splits.test, cfg.data.label_column, src), src, cfg.data.label_column)
 
 
 def load_model(cfg, source, splits, **load_kwargs):
