@@ -39,8 +39,34 @@ footer{font-size:12px;color:#57606a;text-align:center;padding:12px}
 STATUS_CLASS = {"completed": "ok", "failed": "bad", "dead": "bad", "missing": "bad", "damaged": "bad"}
 
 
-def esc(x) -> str:
-    return html.escape("" if x is None else str(x))
+class Html(str):
+    """Markup this module built. It is the only text that goes into a page as it is: everything else
+    (names, metrics, labels, config values, warnings from a run folder, which may come from anywhere)
+    is escaped on the way in, by `esc` and by `h`, so no value can open a tag or an attribute."""
+
+    __slots__ = ()
+
+    def __add__(self, other) -> "Html":  # Html + data: the data is escaped, the result stays Html
+        return Html(str.__add__(self, esc(other)))
+
+    def __radd__(self, other) -> "Html":
+        return Html(str.__add__(esc(other), self))
+
+
+def esc(x) -> Html:
+    """Html stays as it is; anything else becomes its escaped text (quotes too: safe in attributes)."""
+    if isinstance(x, Html):
+        return x
+    return Html(html.escape("" if x is None else str(x), quote=True))
+
+
+def h(template: str, *args, **kwargs) -> Html:
+    """`template` (markup written here, never data) with every argument escaped unless it is Html."""
+    return Html(template.format(*(esc(a) for a in args), **{k: esc(v) for k, v in kwargs.items()}))
+
+
+def join(parts) -> Html:
+    return Html("".join(esc(p) for p in parts))
 
 
 def fmt(v, unit: str = "") -> str:
@@ -72,52 +98,49 @@ def duration(s) -> str:
     return f"{s / 3600:.2f} h"
 
 
-def status_html(status: str | None) -> str:
-    return f'<span class="{STATUS_CLASS.get(status, "mid")}">{esc(status)}</span>'
+def status_html(status: str | None) -> Html:
+    return h('<span class="{}">{}</span>', STATUS_CLASS.get(status, "mid"), status)
 
 
-def table(headers: list[str], rows: list[list], numeric: set[int] | None = None, row_class: list[str] | None = None) -> str:
-    """Cells are escaped unless given as ('html', markup)."""
+def table(headers: list, rows: list[list], numeric: set[int] | None = None, row_class: list[str] | None = None) -> Html:
+    """Cells are escaped unless they are Html."""
     numeric = numeric or set()
-    out = ['<div class="scroll"><table><thead><tr>', *(f"<th>{esc(h)}</th>" for h in headers), "</tr></thead><tbody>"]
+    out = [Html('<div class="scroll"><table><thead><tr>'), *(h("<th>{}</th>", c) for c in headers), Html("</tr></thead><tbody>")]
     for i, row in enumerate(rows):
-        cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
-        out.append(f"<tr{cls}>")
-        for j, cell in enumerate(row):
-            content = cell[1] if isinstance(cell, tuple) and cell and cell[0] == "html" else esc(cell)
-            out.append(f'<td class="num">{content}</td>' if j in numeric else f"<td>{content}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table></div>")
-    return "".join(out)
+        cls = row_class[i] if row_class else ""
+        out.append(h('<tr class="{}">', cls) if cls else Html("<tr>"))
+        out += [h('<td class="num">{}</td>' if j in numeric else "<td>{}</td>", cell) for j, cell in enumerate(row)]
+        out.append(Html("</tr>"))
+    out.append(Html("</tbody></table></div>"))
+    return join(out)
 
 
-def kv_table(pairs: list[tuple[str, object]]) -> str:
-    rows = "".join(f"<tr><th>{esc(k)}</th><td>{v[1] if isinstance(v, tuple) and v and v[0] == 'html' else esc(v)}</td></tr>"
-                   for k, v in pairs)
-    return f'<div class="scroll"><table><tbody>{rows}</tbody></table></div>'
+def kv_table(pairs: list[tuple[str, object]]) -> Html:
+    rows = join(h("<tr><th>{}</th><td>{}</td></tr>", k, v) for k, v in pairs)
+    return h('<div class="scroll"><table><tbody>{}</tbody></table></div>', rows)
 
 
-def figure(uri: str | None, caption: str, alt: str, wide: bool = False) -> str:
+def figure(uri: str | None, caption: str, alt: str, wide: bool = False) -> Html:
     if not uri:
-        return ""
-    cls = ' class="wide"' if wide else ""
-    return f'<figure{cls}><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(caption)}</figcaption></figure>'
+        return Html("")
+    return h('<figure{}><img src="{}" alt="{}"><figcaption>{}</figcaption></figure>',
+             Html(' class="wide"') if wide else Html(""), uri, alt, caption)
 
 
-def section(title: str, body: str, anchor: str | None = None) -> str:
+def section(title: str, body, anchor: str | None = None) -> Html:
     if not body:
-        return ""
-    a = f' id="{anchor}"' if anchor else ""
-    return f"<section{a}><h2>{esc(title)}</h2>{body}</section>"
+        return Html("")
+    return h("<section{}><h2>{}</h2>{}</section>", h(' id="{}"', anchor) if anchor else Html(""), title, body)
 
 
-def page(title: str, subtitle: str, body: str) -> str:
+def page(title: str, subtitle, body) -> str:
     stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{esc(title)}</h1><div class=\"sub\">{subtitle}</div></header>"
-            f"<main>{body}</main><footer>slimtune report, written {esc(stamp)}</footer></body></html>\n")
+    return h('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+             '<meta name="viewport" content="width=device-width, initial-scale=1">'
+             "<title>{title}</title><style>{css}</style></head><body>"
+             '<header><h1>{title}</h1><div class="sub">{subtitle}</div></header>'
+             "<main>{body}</main><footer>slimtune report, written {stamp}</footer></body></html>\n",
+             title=title, css=Html(CSS), subtitle=subtitle, body=body, stamp=stamp)
 
 
 # -- pieces about cost ---------------------------------------------------------
@@ -154,13 +177,18 @@ def cost_rows(cost: dict, summary: dict) -> list[tuple[str, object]]:
 
 # -- one run -------------------------------------------------------------------
 
+def _dict(x) -> dict:
+    """A config section as a dict; a hand-edited run folder may hold anything there."""
+    return x if isinstance(x, dict) else {}
+
+
 def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = None) -> str:
     s, c, recs = info.summary, info.config, info.metrics
-    method = c.get("method") or {}
+    method, model = _dict(c.get("method")), _dict(c.get("model"))
     method_desc = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name" and not isinstance(v, (dict, list)))[:200]
     overview = kv_table([
-        ("status", ("html", status_html(info.status))),
-        ("task", c.get("task")), ("model", (c.get("model") or {}).get("name")),
+        ("status", status_html(info.status)),
+        ("task", c.get("task")), ("model", model.get("name")),
         ("method", f"{method.get('name', 'lora')} ({method_desc})" if method_desc else method.get("name", "lora")),
         ("steps", f"{fmt(s.get('steps') or s.get('step'))} of {fmt(s.get('total_steps'))}"),
         ("best checkpoint", f"step {s.get('best_step')} by {s.get('monitor')}" if s.get("best_step") is not None else "-"),
@@ -177,40 +205,42 @@ def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = Non
                 names.append(k)
     metric_rows = [[n, *(fmt((s.get(p) or {}).get(n)) for p in ("best", "final", "test"))] for n in names]
     metrics = table(["metric", "best eval", "final eval", "test (best checkpoint)"], metric_rows, {1, 2, 3}) if names else \
-        '<p class="note">no evaluation yet</p>'
+        Html('<p class="note">no evaluation yet</p>')
 
-    curves = "".join([
+    curves = join([
         figure(plots.loss_curves(recs, fmt_img), "training loss (logged every train.log_every steps) and eval loss", "loss curves"),
         figure(plots.metric_curves(recs, fmt_img), "eval metrics per evaluation; the star marks the best checkpoint, the dashed line the test score",
                "metric curves", wide=len([n for n in plots.eval_metric_names(recs) if n != "loss"]) > 1),
         figure(plots.lr_schedule(recs, fmt_img), "learning rate of each optimizer parameter group", "learning-rate schedule"),
     ])
-    cm = ""
+    cm = []
     if info.confusion:
         labels = info.confusion.get("labels")
         for split, what in (("eval", "eval set, best checkpoint"), ("test", "test set, best checkpoint")):
             block = info.confusion.get(split)
             if block and block.get("matrix"):
-                cm += figure(plots.confusion(labels, block["matrix"], f"{split} (step {block.get('step')})", fmt_img),
+                cm.append(figure(plots.confusion(labels, block["matrix"], f"{split} (step {block.get('step')})", fmt_img),
                              f"confusion matrix, {what}; rows: true label, columns: predicted; colour: share of the row",
-                             f"{split} confusion matrix")
+                                 f"{split} confusion matrix"))
     cost = info.cost
     params = figure(plots.param_share(s.get("trainable_params"), s.get("total_params"), fmt_img),
                     "parameters the method trains (adapters and head) vs frozen base weights", "trainable-parameter share")
     energy_fig = figure(plots.energy_split(cost.get("energy") or {}, fmt_img), "energy by component as codecarbon estimated it", "energy split")
     warnings = (data_report or {}).get("warnings") or []
-    data = "".join(f"<li>{esc(w)}</li>" for w in warnings)
-    body = "".join([
+    data = join(h("<li>{}</li>", w) for w in (warnings if isinstance(warnings, list) else [warnings]))
+    cm = join(cm)
+    body = join([
         section("Overview", overview),
         section("Metrics", metrics),
-        section("Curves", f'<div class="grid">{curves}</div>' if curves else '<p class="note">no metrics logged yet</p>'),
-        section("Confusion matrix", f'<div class="grid">{cm}</div>' if cm else ""),
+        section("Curves", h('<div class="grid">{}</div>', curves) if curves else Html('<p class="note">no metrics logged yet</p>')),
+        section("Confusion matrix", h('<div class="grid">{}</div>', cm) if cm else ""),
         section("Trainable parameters", params),
-        section("Cost and energy", f'<div class="grid"><div>{kv_table(cost_rows(cost, s))}</div>{energy_fig}</div>'),
-        section("Data warnings", f"<ul>{data}</ul>" if data else ""),
-        section("Config", f"<pre>{esc(yaml.safe_dump(c, sort_keys=False))}</pre>"),
+        section("Cost and energy", h('<div class="grid"><div>{}</div>{}</div>', kv_table(cost_rows(cost, s)), energy_fig)),
+        section("Data warnings", h("<ul>{}</ul>", data) if data else ""),
+        section("Config", h("<pre>{}</pre>", yaml.safe_dump(c, sort_keys=False))),
     ])
-    sub = f"{esc(c.get('task'))} &middot; {esc((c.get('model') or {}).get('name'))} &middot; {esc(method.get('name', 'lora'))} &middot; {status_html(info.status)}"
+    sub = h("{} &middot; {} &middot; {} &middot; {}", c.get("task"), model.get("name"), method.get("name", "lora"),
+            status_html(info.status))
     return page(f"Run {info.name}", sub, body)
 
 
@@ -256,16 +286,16 @@ def compare_page(infos: list[RunInfo], title: str, fmt_img: str = "svg", notes: 
     rows = []
     for k, i in enumerate(infos):
         fl = flat(i.config)
-        rows.append([i.name, ("html", status_html(i.status)), *(fl.get(d) for d in diff[:8]), fmt(points[k]["quality"]),
+        rows.append([i.name, status_html(i.status), *(fl.get(d) for d in diff[:8]), fmt(points[k]["quality"]),
                      duration(points[k]["train_seconds"]), fmt(points[k]["energy_wh"]), fmt(_x1000(i.cost.get("co2_kg"))),
                      fmt(i.summary.get("trainable_share") * 100, "%") if isinstance(i.summary.get("trainable_share"), float) else "-"])
     n_diff = len(diff[:8])
     table_html = table(headers, rows, set(range(2 + n_diff, 7 + n_diff)), ["front" if k in front else "" for k in range(len(infos))])
-    table_html += (f'<p class="note">highlighted: on the Pareto front of {qlabel} vs training time '
-                   f'({"higher" if higher else "lower"} is better). Columns between status and {qlabel}: the config keys that differ'
-                   f'{" (first 8; all below)" if len(diff) > 8 else ""}.</p>')
+    table_html += h('<p class="note">highlighted: on the Pareto front of {q} vs training time ({better} is better). '
+                    "Columns between status and {q}: the config keys that differ{more}.</p>",
+                    q=qlabel, better="higher" if higher else "lower", more=" (first 8; all below)" if len(diff) > 8 else "")
     named = [(i.name, i.metrics) for i in infos]
-    curves = "".join([
+    curves = join([
         figure(plots.overlay(named, "train", "loss", "Training loss", "loss", fmt_img), "training loss of each run", "training loss overlaid"),
         figure(plots.overlay(named, "eval", f"eval_{monitor}", f"Eval {monitor}", monitor, fmt_img) if monitor and monitor != "loss" else None,
                f"eval {monitor} of each run", "eval metric overlaid"),
@@ -274,19 +304,19 @@ def compare_page(infos: list[RunInfo], title: str, fmt_img: str = "svg", notes: 
     pareto = figure(plots.pareto(points, qlabel, higher, fmt_img) if monitor else None,
                     "quality vs cost; red points are on the Pareto front (no run is both cheaper and better)", "Pareto plot")
     diff_rows = [[d, *(flat(i.config).get(d) for i in infos)] for d in diff]
-    diff_html = table(["config key", *[i.name for i in infos]], diff_rows) if diff_rows else '<p class="note">the configs are the same</p>'
+    diff_html = table(["config key", *[i.name for i in infos]], diff_rows) if diff_rows else Html('<p class="note">the configs are the same</p>')
     cost_tab = table(["run", "wall", "train", "CPU time", "peak host MB", "samples", "tokens", "FLOPs", "energy (Wh)", "CO2 (g)", "measured with"],
                      [[i.name, duration(i.cost.get("wall_seconds")), duration(i.cost.get("train_seconds") or i.summary.get("train_seconds")),
                        duration(i.cost.get("cpu_seconds")), fmt(i.cost.get("host_peak_rss_mb")), fmt(i.cost.get("samples_seen")),
                        fmt(i.cost.get("tokens_seen")), fmt(i.cost.get("flops")), fmt(_x1000(i.cost.get("energy_kwh"))),
                        fmt(_x1000(i.cost.get("co2_kg"))),
                        (i.cost.get("energy") or {}).get("method") or "-"] for i in infos], set(range(1, 10)))
-    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes or [])
-    body = "".join([
-        section("Runs", table_html + note_html),
+    note_html = join(h('<p class="note">{}</p>', n) for n in notes or [])
+    body = join([
+        section("Runs", join([table_html, note_html])),
         section("Quality vs cost", pareto),
-        section("Curves", f'<div class="grid">{curves}</div>' if curves else ""),
+        section("Curves", h('<div class="grid">{}</div>', curves) if curves else ""),
         section("Cost and energy", cost_tab),
         section("Config differences", diff_html),
     ])
-    return page(title, f"{len(infos)} runs &middot; quality: {esc(qlabel)}", body)
+    return page(title, h("{} runs &middot; quality: {}", len(infos), qlabel), body)

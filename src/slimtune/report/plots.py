@@ -20,6 +20,20 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
+def _t(x) -> str:
+    """Text from a run folder (run names, metric names, labels, parameter groups) as matplotlib should
+    draw it: literally. A `$` would start mathtext (and an unbalanced one stops the whole page with a
+    parse error), so it is escaped; matplotlib escapes <, > and & itself when it writes SVG."""
+    return str(x).replace("$", r"\$")
+
+
+def _label(x) -> str:
+    """Legend text from data: as _t, and a leading `_` (which matplotlib reads as 'leave me out of the
+    legend') is kept in the legend."""
+    s = _t(x)
+    return " " + s if s.startswith("_") else s
+
+
 def to_data_uri(fig: Figure, fmt: str = "svg") -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, bbox_inches="tight", dpi=110)
@@ -85,14 +99,14 @@ def metric_curves(records: list[dict], fmt: str = "svg") -> str | None:
     test = next((r for r in reversed(records) if r.get("type") == "test"), {})
     for ax, name in zip(axes, names):
         xs, ys = _series(records, "eval", f"eval_{name}")
-        ax.plot(xs, ys, color=PALETTE[1], marker="o", ms=4, lw=1.5, label=f"eval {name}")
+        ax.plot(xs, ys, color=PALETTE[1], marker="o", ms=4, lw=1.5, label=_label(f"eval {name}"))
         best = [(r["step"], r[f"eval_{name}"]) for r in records if r.get("type") == "eval" and r.get("best") and f"eval_{name}" in r]
         if best:
             ax.plot([best[-1][0]], [best[-1][1]], marker="*", ms=14, color=PALETTE[3], ls="none", label="best checkpoint")
         if isinstance(test.get(f"test_{name}"), (int, float)):
             ax.axhline(test[f"test_{name}"], color=PALETTE[2], ls="--", lw=1, label=f"test ({test[f'test_{name}']:.4f})")
         ax.set_xlabel("optimizer step")
-        ax.set_title(name)
+        ax.set_title(_t(name))
         ax.legend(frameon=False, fontsize=8)
     return to_data_uri(fig, fmt)
 
@@ -113,7 +127,7 @@ def lr_schedule(records: list[dict], fmt: str = "svg") -> str | None:
         return None
     fig, (ax,) = _fig()
     for i, (g, (xs, ys)) in enumerate(sorted(groups.items())):
-        ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], lw=1.5, ls=("-", "--", ":", "-.")[i % 4], label=g)
+        ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], lw=1.5, ls=("-", "--", ":", "-.")[i % 4], label=_label(g))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate per parameter group")
@@ -126,7 +140,7 @@ def confusion(labels: list[str] | None, matrix: list[list[int]], title: str, fmt
     n = len(matrix)
     if n == 0:
         return None
-    labels = [str(x) for x in (labels or range(n))]
+    labels = [_t(x) for x in (labels or range(n))]
     size = min(max(3.6, 0.45 * n + 1.8), 14.0)
     fig = Figure(figsize=(size + 1.0, size), layout="constrained")
     ax = fig.subplots()
@@ -147,13 +161,13 @@ def confusion(labels: list[str] | None, matrix: list[list[int]], title: str, fmt
     ax.set_ylabel("true label")
     total = sum(sum(r) for r in matrix)
     correct = sum(matrix[i][i] for i in range(n))
-    ax.set_title(f"{title}: {correct}/{total} correct")
+    ax.set_title(_t(f"{title}: {correct}/{total} correct"))
     return to_data_uri(fig, fmt)
 
 
 def param_share(trainable: int | None, total: int | None, fmt: str = "svg") -> str | None:
-    if not trainable or not total:
-        return None
+    if not (isinstance(trainable, int) and isinstance(total, int) and 0 < trainable <= total):
+        return None  # nothing counted, or a summary.json edited into something that is not a share
     fig, (ax,) = _fig(h=1.6)
     share = trainable / total
     ax.barh([0], [share], color=PALETTE[2], label=f"trainable {trainable:,}")
@@ -176,7 +190,7 @@ def energy_split(energy: dict, fmt: str = "svg") -> str | None:
     for i, (_, v) in enumerate(parts):
         ax.text(v * 1000, i, f" {v * 1000:.3g} Wh", va="center", fontsize=8)
     ax.set_xlabel("energy (Wh)")
-    ax.set_title(f"Energy by component ({energy.get('method') or 'method unknown'})", fontsize=10)
+    ax.set_title(_t(f"Energy by component ({energy.get('method') or 'method unknown'})"), fontsize=10)
     ax.margins(x=0.25)
     return to_data_uri(fig, fmt)
 
@@ -191,13 +205,13 @@ def overlay(runs: list[tuple[str, list[dict]]], kind: str, key: str, title: str,
         if not xs:
             continue
         ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], ls=("-", "--", ":", "-.")[(i // len(PALETTE)) % 4], lw=1.5,
-                marker="o" if kind == "eval" else None, ms=3, label=name)
+                marker="o" if kind == "eval" else None, ms=3, label=_label(name))
         drawn += 1
     if not drawn:
         return None
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_ylabel(_t(ylabel))
+    ax.set_title(_t(title))
     if drawn <= 12:
         ax.legend(frameon=False, fontsize=7)
     return to_data_uri(fig, fmt)
@@ -230,14 +244,14 @@ def pareto(runs: list[dict], quality: str, higher_better: bool, fmt: str = "svg"
             on = i in front
             ax.scatter([x], [y], s=60 if on else 30, color=PALETTE[3] if on else PALETTE[0], zorder=3,
                        edgecolors="black" if on else "none")
-            ax.annotate(name if len(name) <= 28 else name[:12] + "..." + name[-12:], (x, y), textcoords="offset points",
+            ax.annotate(_t(name if len(name) <= 28 else name[:12] + "..." + name[-12:]), (x, y), textcoords="offset points",
                         xytext=(5, 4), fontsize=7)
         fx = sorted((pts[i][0], pts[i][1]) for i in front)
         if len(fx) > 1:
             ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color=PALETTE[3], lw=1, alpha=0.7, label="Pareto front")
             ax.legend(frameon=False, fontsize=8)
         ax.set_xlabel(label)
-        ax.set_ylabel(quality + (" (higher is better)" if higher_better else " (lower is better)"))
-        ax.set_title(f"{quality} vs {label.split(' (')[0]}")
+        ax.set_ylabel(_t(quality) + (" (higher is better)" if higher_better else " (lower is better)"))
+        ax.set_title(_t(f"{quality} vs {label.split(' (')[0]}"))
         ax.margins(0.15)
     return to_data_uri(fig, fmt)
