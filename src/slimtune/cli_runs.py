@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 runs_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -22,19 +23,32 @@ HEADERS = {"train_seconds": "train s", "wall_seconds": "wall s", "energy_kwh": "
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     raise typer.Exit(code)
+
+
+def _index_failed(root: Path, e: BaseException) -> None:
+    """An error of the index file, said as what it is (full disk, lock, read-only, damaged, ...)."""
+    from .track import index, index_errors
+
+    _fail(index_errors.explain(root, e, index.BUSY_TIMEOUT_S))
 
 
 def _rows(root: Path) -> list[dict]:
     from .track import index
 
+    notes: list[str] = []
     try:
-        return index.rows(root)
+        found = index.rows(root, notes=notes)
     except FileNotFoundError as e:
-        _fail(str(e))
-    except sqlite3.DatabaseError as e:
-        _fail(f"{index.index_file(root)} is damaged ({e}); move it away and rebuild it with `slimtune runs add {root} --root {root}`")
+        if not index.index_file(root).exists():
+            _fail(str(e))
+        _index_failed(root, e)
+    except (sqlite3.Error, OSError) as e:
+        _index_failed(root, e)
+    for n in notes:
+        err.print(f"[yellow]note:[/] {escape(n)}", highlight=False)
+    return found
 
 
 def _find(root: Path, ref: str, rows: list[dict]) -> dict:
@@ -47,9 +61,10 @@ def _find(root: Path, ref: str, rows: list[dict]) -> dict:
 
 
 def _cell(v) -> str:
+    """A value as a table cell: formatted, and escaped (a name or a config value may hold [markup])."""
     from .report.html import fmt
 
-    return fmt(v)
+    return escape(fmt(v))
 
 
 def _short_model(m: str | None) -> str:
@@ -61,7 +76,7 @@ def _short_model(m: str | None) -> str:
 def _status(r: dict) -> str:
     colour = {"completed": "green", "failed": "red", "dead": "red", "missing": "red", "damaged": "red",
               "running": "yellow", "interrupted": "yellow", "pruned": "yellow"}.get(r["status"], "white")
-    return f"[{colour}]{r['status']}[/]"
+    return f"[{colour}]{escape(str(r['status']))}[/]"
 
 
 @runs_app.command("list")
@@ -85,9 +100,10 @@ def list_(
     from .track import index
 
     rows = _rows(root)
-    try:
+    try:  # a bad --where / --sort / --columns is named with what is accepted, before anything is printed
         sel = index.select(rows, task=task, model=model, method=method, status=status, sweep=sweep, kind=kind, where=where,
                            sort=sort, descending=desc if sort else None)
+        cols = _list_columns(rows, sel, columns, where, sort)
     except ValueError as e:
         _fail(str(e))
     if limit:
@@ -96,41 +112,48 @@ def list_(
         for r in sel:
             print(json.dumps({k: v for k, v in r.items() if k not in ("config",)}, default=str))
         return
-    if columns:
-        cols = [index.resolve_column(c.strip(), rows) for c in columns.split(",") if c.strip()]
-    else:
-        monitors = []
-        for r in sel:
-            if r.get("monitor") and r["monitor"] not in monitors:
-                monitors.append(r["monitor"])
-        metric_cols = [f"{p}_{m}" for m in monitors[:2] for p in ("best", "test") if any(f"{p}_{m}" in r for r in sel)]
-        extra = [index.resolve_column(index.parse_where(w)[0], rows) for w in where or []] + ([index.resolve_column(sort, rows)] if sort else [])
-        cols = list(dict.fromkeys([*index.LIST_COLUMNS, *metric_cols, *index.COST_COLUMNS, *extra, "started"]))
-        if any(r.get("parent") for r in sel):
-            cols.insert(2, "parent")
-    table = Table(show_header=True, header_style="bold", title=f"{len(sel)} of {len(rows)} entries in {index.index_file(root)}")
+    table = Table(show_header=True, header_style="bold", title=escape(f"{len(sel)} of {len(rows)} entries in {index.index_file(root)}"))
     for c in cols:
-        table.add_column(HEADERS.get(c, c), justify="right" if c not in ("name", "status", "task", "model", "method", "parent", "started", "ended") else "left",
+        table.add_column(escape(HEADERS.get(c, c)), justify="right" if c not in ("name", "status", "task", "model", "method", "parent", "started", "ended") else "left",
                          overflow="fold")
     for r in sel:
         cells = []
         for c in cols:
-            v = r.get(c)
+            v = index.value(r, c)
             if c == "status":
                 cells.append(_status(r))
             elif c in ("started", "ended"):
                 cells.append(index.fmt_time(v))
             elif c == "model":
-                cells.append(_short_model(v))
+                cells.append(escape(_short_model(v)))
             elif c == "name" and r["kind"] == "sweep":
-                cells.append(f"{v} [dim](sweep)[/]")
+                cells.append(f"{escape(str(v))} [dim](sweep)[/]")
             else:
                 cells.append(_cell(v))
         table.add_row(*cells)
     out.print(table)
     problems = [r for r in sel if r.get("problem")]
     for r in problems:
-        err.print(f"[yellow]note:[/] {r['name']}: {r['problem']}", highlight=False)
+        err.print(f"[yellow]note:[/] {escape(r['name'])}: {escape(str(r['problem']))}", highlight=False)
+
+
+def _list_columns(rows: list[dict], sel: list[dict], columns: str | None, where: list[str] | None, sort: str | None) -> list[str]:
+    """--columns as given (each resolved, or a ValueError naming the accepted ones), else the default
+    columns plus the monitored metrics and whatever --where / --sort use."""
+    from .track import index
+
+    if columns:
+        return [index.resolve_column(c.strip(), rows) for c in columns.split(",") if c.strip()]
+    monitors = []
+    for r in sel:
+        if r.get("monitor") and r["monitor"] not in monitors:
+            monitors.append(r["monitor"])
+    metric_cols = [f"{p}_{m}" for m in monitors[:2] for p in ("best", "test") if any(f"{p}_{m}" in r for r in sel)]
+    extra = [index.resolve_column(index.parse_where(w)[0], rows) for w in where or []] + ([index.resolve_column(sort, rows)] if sort else [])
+    cols = list(dict.fromkeys([*index.LIST_COLUMNS, *metric_cols, *index.COST_COLUMNS, *extra, "started"]))
+    if any(r.get("parent") for r in sel):
+        cols.insert(2, "parent")
+    return cols
 
 
 @runs_app.command()
@@ -148,17 +171,17 @@ def show(run: str = typer.Argument(..., help="run name, unique name prefix, or f
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    t.add_row("name", r["name"] + (" (sweep)" if r["kind"] == "sweep" else ""))
-    t.add_row("folder", r["path"] + ("" if r["exists"] else "  [red](missing)[/]"))
+    t.add_row("name", escape(r["name"]) + (" (sweep)" if r["kind"] == "sweep" else ""))
+    t.add_row("folder", escape(r["path"]) + ("" if r["exists"] else "  [red](missing)[/]"))
     t.add_row("status", _status(r))
     for k in ("task", "model", "method", "parent", "monitor", "config_hash"):
         if r.get(k):
-            t.add_row(k, str(r[k]))
+            t.add_row(k, escape(str(r[k])))
     t.add_row("started / ended", f"{index.fmt_time(r.get('started'))} / {index.fmt_time(r.get('ended'))}")
     for part in ("best", "final", "test"):
         vals = {k[len(part) + 1:]: v for k, v in r.items() if k.startswith(part + "_") and isinstance(v, (int, float))}
         if vals:
-            t.add_row(part, "  ".join(f"{k}={_cell(v)}" for k, v in vals.items()))
+            t.add_row(part, "  ".join(f"{escape(k)}={_cell(v)}" for k, v in vals.items()))
     cost = r.get("cost") or {}
     if cost:
         t.add_row("time", f"wall {_cell(cost.get('wall_seconds'))} s, training {_cell(cost.get('train_seconds'))} s, "
@@ -169,12 +192,12 @@ def show(run: str = typer.Argument(..., help="run name, unique name prefix, or f
         e = cost.get("energy") or {}
         if e.get("energy_kwh") is not None:
             t.add_row("energy", f"{_cell(e['energy_kwh'])} kWh, {_cell(e['co2_kg'])} kg CO2e at {_cell(e.get('carbon_intensity_g_per_kwh'))} "
-                                f"g/kWh ({e.get('carbon_intensity_source')})")
-            t.add_row("measured with", f"{e.get('method')} ({e.get('tool')}, {e.get('tracking_mode')} mode)")
+                                + escape(f"g/kWh ({e.get('carbon_intensity_source')})"))
+            t.add_row("measured with", escape(f"{e.get('method')} ({e.get('tool')}, {e.get('tracking_mode')} mode)"))
         elif e.get("error"):
-            t.add_row("energy", f"not measured: {e['error']}")
+            t.add_row("energy", escape(f"not measured: {e['error']}"))
     if r.get("problem"):
-        t.add_row("[yellow]note[/]", r["problem"])
+        t.add_row("[yellow]note[/]", escape(str(r["problem"])))
     out.print(t)
 
 
@@ -209,24 +232,24 @@ def compare(runs: List[str] = typer.Argument(..., help="two or more runs (names,
     t = Table(title="config" + ("" if all_keys else " (keys that differ)"), header_style="bold")
     t.add_column("key")
     for n in names:
-        t.add_column(n, overflow="fold")
+        t.add_column(escape(n), overflow="fold")
     for k in keys:
-        t.add_row(k, *(str(flat(c).get(k, "-")) for c in configs))
+        t.add_row(escape(k), *(escape(str(flat(c).get(k, "-"))) for c in configs))
     if not keys:
         t.add_row("[dim](the configs are the same)[/]", *["" for _ in names])
     out.print(t)
     m = Table(title="metrics and cost", header_style="bold")
     m.add_column("")
     for n in names:
-        m.add_column(n, justify="right")
+        m.add_column(escape(n), justify="right")
     for k in [*sorted(metric_keys), *cost_keys]:
         vals = [r.get(k) for r in sel]
         if any(v is not None for v in vals):
-            m.add_row(k, *(_cell(v) for v in vals))
+            m.add_row(escape(k), *(_cell(v) for v in vals))
     out.print(m)
     for r in sel:
         if r.get("problem"):
-            err.print(f"[yellow]note:[/] {r['name']}: {r['problem']}", highlight=False)
+            err.print(f"[yellow]note:[/] {escape(r['name'])}: {escape(str(r['problem']))}", highlight=False)
 
 
 @runs_app.command()
@@ -241,12 +264,12 @@ def add(paths: List[Path] = typer.Argument(..., help="run folders, or folders of
         try:
             names = index.add_folder(root, p)
         except RunFolderError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             failed += 1
             continue
-        except sqlite3.DatabaseError as e:
-            _fail(f"{index.index_file(root)} is damaged ({e}); move it away and run this again")
-        out.print(f"added {len(names)} run(s) from {p}: {', '.join(names)}", highlight=False)
+        except (sqlite3.Error, OSError) as e:
+            _index_failed(root, e)
+        out.print(f"added {len(names)} run(s) from {p}: {', '.join(names)}", highlight=False, markup=False)
     if failed:
         raise typer.Exit(1)
 
@@ -256,33 +279,73 @@ def rm(runs: List[str] = typer.Argument(..., help="runs or sweeps to remove (nam
        root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
        keep_files: bool = typer.Option(False, "--keep-files", help="only drop the index entries; leave the folders"),
        yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")):
-    """Remove runs from the index and delete their folders (asks first)."""
+    """Remove runs from the index and delete their folders (asks first). Only folders that are
+    verifiably a run's or a sweep's are deleted; any other is kept, with its entry, and named."""
     from .track import index
 
     rows = _rows(root)
-    sel = {r["key"]: r for r in (_find(root, ref, rows) for ref in runs)}
-    for r in list(sel.values()):  # a sweep takes its runs along
+    named = {r["key"]: r for r in (_find(root, ref, rows) for ref in runs)}
+    sel = dict(named)
+    for r in named.values():  # a sweep takes its runs along
         if r["kind"] == "sweep":
             for c in rows:
                 if c["parent_key"] == r["key"]:
                     sel.setdefault(c["key"], c)
-    existing = [r for r in sel.values() if r["exists"]]
+    kept = {} if keep_files else _refused(root, sel, named)
+    drop = [k for k in sel if k not in kept]
+    delete = [sel[k] for k in drop if sel[k]["exists"] and not keep_files]
     for r in sel.values():
-        out.print(f"  {r['name']}  {r['path']}" + ("" if r["exists"] else "  (folder already gone)"), highlight=False)
-    what = (f"Remove {len(sel)} entr{'y' if len(sel) == 1 else 'ies'} from the index"
-            + ("" if keep_files or not existing else f" and DELETE {len(existing)} folder(s)") + "?")
+        note = "  (folder already gone)" if not r["exists"] else f"  (KEPT: {kept[r['key']]})" if r["key"] in kept else ""
+        out.print(f"  {r['name']}  {r['path']}{note}", highlight=False, markup=False)
+    if not drop:
+        _fail("nothing removed: " + "; ".join(f"{sel[k]['path']}: {why}" for k, why in kept.items())
+              + " (`slimtune runs rm --keep-files` drops only the index entries)", code=1)
+    what = (f"Remove {len(drop)} entr{'y' if len(drop) == 1 else 'ies'} from the index"
+            + (f" and DELETE {len(delete)} folder(s)" if delete else "") + "?")
     if not yes and not typer.confirm(what, default=False):
         err.print("nothing removed")
         raise typer.Exit(1)
-    if not keep_files:
-        for r in existing:
-            folder = Path(r["path"])
-            if r["kind"] == "run" and not (folder / "config.yaml").is_file():
-                err.print(f"[yellow]kept[/] {folder}: not a run folder (no config.yaml)", highlight=False)
-                continue
+    deleted = 0
+    for r in sorted(delete, key=lambda r: -len(Path(r["path"]).parts)):  # runs inside a sweep folder first
+        folder = Path(r["path"])
+        try:
             shutil.rmtree(folder)
-    index.remove(root, list(sel))
-    out.print(f"removed {len(sel)} entr{'y' if len(sel) == 1 else 'ies'}" + ("" if keep_files else f", deleted {len(existing)} folder(s)"))
+            deleted += 1
+        except OSError as e:  # a permission, a busy file: the folder is (partly) there, so is its entry
+            kept[r["key"]] = f"could not be deleted ({e})"
+            drop.remove(r["key"])
+    try:
+        index.remove(root, drop)
+    except (sqlite3.Error, OSError) as e:
+        _index_failed(root, e)
+    out.print(f"removed {len(drop)} entr{'y' if len(drop) == 1 else 'ies'}, deleted {deleted} folder(s)", highlight=False)
+    for k, why in kept.items():
+        err.print(f"[yellow]kept[/] {escape(sel[k]['path'])}: {escape(why)}; its index entry stays "
+                  f"(`slimtune runs rm --keep-files` drops only the entry)", highlight=False)
+    if kept:
+        raise typer.Exit(1)
+
+
+def _refused(root: Path, sel: dict, named: dict) -> dict[str, str]:
+    """{key: why} for the selected folders `runs rm` must not delete: not verifiably a run's or a
+    sweep's, or holding the index itself; the runs a kept sweep would take along stay with it."""
+    from .track.runinfo import not_deletable
+
+    index_dir = root.resolve()
+    kept = {}
+    for key, r in sel.items():
+        if not r["exists"]:
+            continue
+        folder = Path(r["path"])
+        why = not_deletable(folder, r["kind"])
+        if why is None and (index_dir == folder.resolve() or folder.resolve() in index_dir.parents):
+            why = f"it holds the index {root / 'index.sqlite'}"
+        if why:
+            kept[key] = why
+    for key, r in sel.items():
+        if key not in named and key not in kept and r["parent_key"] in kept:
+            kept[key] = f"it belongs to the sweep {sel[r['parent_key']]['path']}, which is kept (name the run itself to delete it)"
+    return kept
 
 
 def report_cmd(

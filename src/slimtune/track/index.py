@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import sqlite3
 import time
 from datetime import datetime
 from pathlib import Path
 
+from . import index_errors
+from .query import column_kind, parse_where, resolve_column, select, value, where_filter  # noqa: F401
 from .runinfo import RunFolderError, config_hash, flat_metrics, is_run_folder, read_run, run_folders_in
 
 INDEX_FILE = "index.sqlite"
@@ -95,7 +96,10 @@ def _write(con):
     try:
         yield con
     except BaseException:
-        con.execute("ROLLBACK")
+        # SQLite may have rolled back already (it does on a full disk): a second ROLLBACK would fail
+        # with "no transaction is active" and hide the error that says what happened
+        if con.in_transaction:
+            con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
 
@@ -268,9 +272,11 @@ def _decode(root, r: dict) -> dict:
     return out
 
 
-def _refresh(root, con, raw: list[dict]) -> tuple[list[dict], dict]:
+def _refresh(root, con, raw: list[dict], notes: list[str]) -> tuple[list[dict], dict]:
     """Re-read the runs whose summary.json changed since they were indexed (a resumed run, a
-    run written with the index off, a folder edited by hand); damaged ones are reported."""
+    run written with the index off, a folder edited by hand); damaged ones are reported. When the
+    index cannot be written now (full disk, lock, read-only), the listing shows what the folders
+    say and `notes` says that the index was left as it was."""
     fresh, problems = [], {}
     for r in raw:
         if r["kind"] != "run":
@@ -291,21 +297,32 @@ def _refresh(root, con, raw: list[dict]) -> tuple[list[dict], dict]:
         row = row_for_run(root, folder, info.config, info.summary, mtime)
         row["parent"] = row["parent"] or r["parent"]
         fresh.append(row)
-    if fresh:
+    if not fresh:
+        return raw, problems
+    try:
         with _write(con):
             for row in fresh:
                 _upsert(con, row)
-        raw = [dict(x) for x in con.execute("SELECT * FROM runs")]
-    return raw, problems
+    except (sqlite3.OperationalError, OSError) as e:
+        if index_errors.kind_of(e) not in index_errors.UNWRITABLE:
+            raise
+        notes.append(f"{len(fresh)} changed run(s) shown as their folders say, not saved to the index: "
+                     + index_errors.explain(root, e, BUSY_TIMEOUT_S))
+        by_path = {r["path"]: r for r in raw}
+        for row in fresh:
+            by_path[row["path"]] = {**by_path.get(row["path"], {}), **row}
+        return list(by_path.values()), problems
+    return [dict(x) for x in con.execute("SELECT * FROM runs")], problems
 
 
-def rows(root, refresh: bool = True) -> list[dict]:
-    """Every row of the index under `root`, decoded; missing / dead / damaged runs are marked."""
+def rows(root, refresh: bool = True, notes: list[str] | None = None) -> list[dict]:
+    """Every row of the index under `root`, decoded; missing / dead / damaged runs are marked;
+    `notes` (when given) collects what the caller should tell the user (an index left unwritten)."""
     with connect(root, create=False) as con:
         raw = [dict(x) for x in con.execute("SELECT * FROM runs")]
         problems = {}
         if refresh:
-            raw, problems = _refresh(root, con, raw)
+            raw, problems = _refresh(root, con, raw, [] if notes is None else notes)
     out = []
     for r in raw:
         d = _decode(root, r)
@@ -363,79 +380,7 @@ def find(root, ref: str, all_rows: list[dict] | None = None) -> dict:
     raise IndexError_(f"no run {ref!r} in {index_file(root)} (`slimtune runs list --root {root}` lists them)")
 
 
-# -- filter and sort -----------------------------------------------------------
-
-_WHERE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|!=|==|=|>|<)\s*([^<>=!\s].*?)\s*$")
-_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
-        "=": lambda a, b: a == b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
-
-
-def resolve_column(name: str, all_rows: list[dict]) -> str:
-    """A column name as the user wrote it: exact, or a metric name meaning its best_ value."""
-    keys = set().union(*(r.keys() for r in all_rows)) if all_rows else set()
-    if name in keys:
-        return name
-    if f"best_{name}" in keys:
-        return f"best_{name}"
-    if name == "started" or not all_rows:
-        return name
-    shown = sorted(k for k in keys if k not in ("cost", "config", "key", "parent_key", "problem"))
-    raise ValueError(f"unknown column {name!r}; columns: {', '.join(shown)}")
-
-
-def parse_where(expr: str) -> tuple[str, str, object]:
-    m = _WHERE.match(expr)
-    if not m:
-        raise ValueError(f"--where {expr!r}: expected COLUMN OP VALUE with OP one of >=, <=, >, <, =, != "
-                         f"(for example 'test_accuracy>=0.9' or 'energy_kwh<0.01')")
-    key, op, raw = m.groups()
-    try:
-        value: object = float(raw)
-    except ValueError:
-        value = raw.strip("'\"")
-    return key, op, value
-
-
-def select(all_rows: list[dict], task=None, model=None, method=None, status=None, sweep=None, kind=None,
-           where: list[str] | None = None, sort: str | None = None, descending: bool | None = None) -> list[dict]:
-    out = list(all_rows)
-    if task:
-        out = [r for r in out if r["task"] == task]
-    if model:
-        out = [r for r in out if r["model"] and model.lower() in r["model"].lower()]
-    if method:
-        out = [r for r in out if r["method"] == method]
-    if status:
-        out = [r for r in out if r["status"] == status]
-    if sweep:
-        out = [r for r in out if r["parent"] == sweep or (r["parent_key"] or "") == sweep]
-    if kind:
-        out = [r for r in out if r["kind"] == kind]
-    for expr in where or []:
-        key, op, value = parse_where(expr)
-        key = resolve_column(key, all_rows)
-        kept = []
-        for r in out:
-            v = r.get(key)
-            if v is None:
-                continue
-            if isinstance(value, float) and not isinstance(v, (int, float)):
-                continue
-            if _OPS[op](v if isinstance(value, float) else str(v), value):
-                kept.append(r)
-        out = kept
-    if sort:
-        key = resolve_column(sort, all_rows)
-        desc = descending if descending is not None else False
-        present = [r for r in out if r.get(key) is not None]
-        absent = [r for r in out if r.get(key) is None]
-        numeric = all(isinstance(r[key], (int, float)) for r in present)
-        present.sort(key=(lambda r: r[key]) if numeric else (lambda r: str(r[key])), reverse=desc)
-        out = present + absent  # runs without the value go last either way
-    else:  # newest first
-        out.sort(key=lambda r: r.get("started") or r.get("ended") or 0, reverse=True if descending is None else descending)
-    return out
-
+# -- filter and sort: track/query.py (re-exported here, where `slimtune runs` and older code look) --
 
 def fmt_time(t: float | None) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"

@@ -53,6 +53,8 @@ def _read_json(path: Path):
         raise RunFolderError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
     except UnicodeDecodeError:
         raise RunFolderError(f"{path}: not UTF-8 text; the file is damaged") from None
+    except OSError as e:  # permissions, a vanished mount: the folder is named, not a traceback
+        raise RunFolderError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 @dataclass
@@ -85,6 +87,43 @@ def is_run_folder(path: Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
+def _yaml_mapping(path: Path):
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def not_deletable(path: str | Path, kind: str) -> str | None:
+    """Why `path` is not verifiably a folder slimtune wrote, or None when it is: a sweep's (sweep.yaml
+    with a sweep section, and its study.db or a storage named there) or a run's (config.yaml with a
+    task and a model, and summary.json or meta.json). An index row can name any folder (a copied
+    run's track.sweep, `runs add`), so `slimtune runs rm` deletes only what passes this check."""
+    path = Path(path)
+    if path.is_symlink():
+        return "it is a symbolic link (delete the link, or the folder it points to, by hand)"
+    if not path.is_dir():
+        return "not a folder"
+    if kind == "sweep":
+        if not (path / "sweep.yaml").is_file():
+            return "no sweep.yaml in it: not a sweep folder"
+        sw = (_yaml_mapping(path / "sweep.yaml") or {}).get("sweep")
+        if not isinstance(sw, dict):
+            return "its sweep.yaml is not a sweep config (no sweep section)"
+        if not (path / "study.db").is_file() and not sw.get("storage"):
+            return "no study.db in it, and its sweep.yaml names no other study storage"
+        return None
+    if not (path / "config.yaml").is_file():
+        return "no config.yaml in it: not a run folder"
+    cfg = _yaml_mapping(path / "config.yaml")
+    if cfg is None or "task" not in cfg or "model" not in cfg:
+        return "its config.yaml is not a slimtune run config (no task / model)"
+    if not (path / "summary.json").is_file() and not (path / "meta.json").is_file():
+        return "no summary.json or meta.json in it: not a run folder slimtune wrote"
+    return None
+
+
 def run_folders_in(folder: str | Path) -> list[Path]:
     """The run folders inside a folder of runs (an output.dir, a sweep): its subfolders that are
     runs, and those one level further down (a sweep's trials/trial-0007)."""
@@ -113,6 +152,8 @@ def read_run(path: str | Path, records: bool = False) -> RunInfo:
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RunFolderError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]}); the file is damaged") from None
+    except OSError as e:
+        raise RunFolderError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(config, dict) or "task" not in config or "model" not in config:
         raise RunFolderError(f"{cfg_path}: not a slimtune run config (no task / model)")
     summary_path = path / "summary.json"
