@@ -237,6 +237,44 @@ def test_method_default_lr_applies_only_when_lr_is_not_set(tmp_path):
     assert load_config(path).train.lr == pytest.approx(probe)
 
 
+def test_model_may_be_given_as_its_name(tmp_path):
+    """`model: org/name`, as other trainers' configs write it, is model.name; the resolved config says model.name."""
+    from slimtune.config import dump_config
+
+    cfg = load_config({**base(), "model": "sentence-transformers/all-MiniLM-L6-v2"})
+    assert cfg.model.name == "sentence-transformers/all-MiniLM-L6-v2" and cfg.model.max_length == 256
+    assert cfg.model_dump(mode="json", exclude_unset=True)["model"] == {"name": "sentence-transformers/all-MiniLM-L6-v2"}
+    saved = yaml.safe_load(dump_config(cfg))
+    assert saved["model"]["name"] == "sentence-transformers/all-MiniLM-L6-v2" and saved["model"]["trust_remote_code"] is False
+    path = tmp_path / "plain.yaml"
+    path.write_text("task: text-classification\nmodel: org/model\ndata: {train: t.csv}\n", encoding="utf-8")
+    assert load_config(path).model.name == "org/model"
+    assert load_config(path, ["model.max_length=64"]).model.max_length == 64  # an override finds the section
+
+
+@pytest.mark.parametrize("name", ["..", "a/../../x", "/tmp/x", ".", "a\\b", "runs/x", ""])
+def test_output_name_must_be_a_plain_folder_name(name, tmp_path):
+    msg = flat(config_error(base(output={"dir": str(tmp_path / "runs"), "name": name})))
+    assert f"output.name: {name!r} is not accepted: must be a plain folder name, created under output.dir" in msg
+    assert "my-run-1" in msg
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_plain_output_name_works_and_the_run_folder_stays_inside(tmp_path):
+    from types import SimpleNamespace
+
+    from slimtune.track.rundir import new_run_dir
+
+    cfg = load_config(base(output={"dir": str(tmp_path / "runs"), "name": "my-run_1.v2"}))
+    assert new_run_dir(cfg) == tmp_path / "runs" / "my-run_1.v2"
+    # a config that skipped the loader's check (built in code) still cannot leave output.dir
+    for name in ("../escape", str(tmp_path / "abs"), "a/b"):
+        bad = SimpleNamespace(output=SimpleNamespace(dir=str(tmp_path / "runs"), name=name))
+        with pytest.raises(ConfigError, match="output.name: .* must be a plain folder name"):
+            new_run_dir(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not (tmp_path / "runs" / "a").exists()
+
+
 def test_bad_files(tmp_path):
     assert "does not exist" in config_error(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .methods import MethodConfig
 from .methods.lora import LoraConfig
-from .schema import StrictModel
+from .schema import StrictModel, plain_name
 from .sweep.space import SweepConfig
 from .track.config import TrackConfig
 
@@ -220,8 +220,11 @@ class ImageConfig(StrictModel):
 
 class OutputConfig(StrictModel):
     dir: str = Field("runs", description="root folder of run folders")
-    name: str | None = Field(None, description="run folder name (default: <task>-<model>-<time>)")
+    name: str | None = Field(None, description="run folder name under output.dir, a plain folder name without '/' "
+                             "or '..' (default: <task>-<model>-<method>-<time>)")
     save_checkpoints: bool = Field(True, description="write a resumable checkpoint at each evaluation")
+
+    _plain_name = field_validator("name")(plain_name)
 
 
 class RunConfig(StrictModel):
@@ -236,6 +239,11 @@ class RunConfig(StrictModel):
     track: TrackConfig = Field(default_factory=TrackConfig, description="run index, energy / CO2, MLflow / TensorBoard")
     sweep: SweepConfig | None = Field(None, description="hyperparameter search space and budget for `slimtune sweep` "
                                       "(ignored by `slimtune run`)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_name(cls, v):
+        return model_section(v)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -253,6 +261,9 @@ class RunConfig(StrictModel):
             lr = REGISTRY[self.method.name].default_lr
             if lr is not None:
                 self.train.lr = lr
+                # filled in, not given: `lr` stays out of the fields the user set, so a dump with exclude_unset
+                # (a sweep's base config) does not carry this method's rate into a trial of another method
+                self.train.model_fields_set.discard("lr")
         return self
 
     @model_validator(mode="after")
@@ -281,6 +292,11 @@ class RunConfig(StrictModel):
         if self.eval.mode != "auto":
             return self.eval.mode == "max"
         return metric_higher_is_better(self.monitor)
+
+
+def model_section(value):
+    """`model: org/name`, as other trainers' configs write it, is `model: {name: org/name}`."""
+    return {"name": value} if isinstance(value, str) else value
 
 
 def metric_higher_is_better(metric: str) -> bool:
@@ -403,6 +419,8 @@ def load_config(path: str | Path | dict | RunConfig, overrides: list[str] | None
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         source = str(p)
     if overrides:
+        if isinstance(data, dict) and isinstance(data.get("model"), str):  # so that model.max_length=64 finds a section
+            data = {**data, "model": model_section(data["model"])}
         data = apply_overrides(data, overrides)
     return config_from_dict(data, source)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -30,6 +31,13 @@ def new_run_dir(cfg) -> Path:
     root = Path(cfg.output.dir)
     name = cfg.output.name or default_run_name(cfg)
     path = root / name
+    # the config loader refuses such names (schema.plain_name); this holds for a config built without it
+    # (abspath, not resolve: a run folder the user linked elsewhere on purpose stays allowed)
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(root):
+        from ..config import ConfigError
+
+        raise ConfigError(f"output.name: {name!r} is not accepted: must be a plain folder name, created under "
+                          f"output.dir ({root})")
     i = 1
     while path.exists() and any(path.iterdir()):
         i += 1
