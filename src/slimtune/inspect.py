@@ -1,20 +1,29 @@
 """`slimtune inspect MODEL`: what can be adapted, and what each method would cost.
 
 The model is built on the meta device (shapes only, no weights, no memory), each
-method is applied to a copy at its default options, and one forward pass with a
-batch of the given size runs on meta tensors while a saved-tensor hook adds up what
-autograd keeps for the backward pass. So the estimate is exact about the model's
-own structure and needs no download of the weights beyond the config.
+method is applied to a copy at its default options, and one training step (forward
+and backward) with a batch of the given size runs on meta tensors while a dispatch
+mode keeps the books an allocator would: every storage an op creates counts from that
+op until the last tensor on it is freed. The peak of those books is what the step
+holds on top of the weights: saved activations, temporaries and the gradients as they
+appear. So the estimate follows the model's own code and needs no download of the
+weights beyond the config.
 
-training memory ~= weights (fp32) + gradients (trainable, fp32)
-                  + AdamW state (2 x trainable, fp32) + saved activations (fp32)
+training memory ~= weights and buffers (fp32) + AdamW state (2 x trainable, fp32)
+                  + the peak of one forward + backward pass (fp32)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import warnings
+import weakref
 from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .methods import REGISTRY, MethodContext, apply_method
 from .methods.targets import block_linear_names, find_blocks
@@ -55,25 +64,82 @@ def default_method_config(name: str, for_counting: bool = True):
     return cfg
 
 
-def saved_activation_bytes(model, batch: dict) -> int:
-    """Bytes autograd saves for backward in one forward pass (tensors counted once)."""
-    seen: dict[int, int] = {}
-    keep = []
+class _AllocatorBooks(TorchDispatchMode):
+    """The bytes an allocator would hold while ops run: a storage counts from the op that creates it
+    until the last tensor on it is freed (views share their base's storage). Storages that existed
+    before (the model's parameters and buffers, the batch) are not counted."""
+
+    def __init__(self, existing: set):
+        super().__init__()
+        self.existing = existing
+        self.storages: dict[int, list] = {}  # storage key -> [tensors alive on it, bytes]
+        self.live = self.peak = 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        key = s._cdata
+        if key in self.existing:
+            return
+        entry = self.storages.get(key)
+        if entry is None:
+            entry = self.storages[key] = [0, s.nbytes()]
+            self.live += entry[1]
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.storages.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.live -= entry[1]
+                del self.storages[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def weights_bytes(model) -> int:
+    """Parameters and buffers, each storage once (tied weights share one)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def step_bytes(model, batch: dict) -> dict:
+    """One forward + backward: the peak bytes held on top of the weights (`peak`), of which autograd
+    saved `saved` for the backward pass (counted once per storage), and the gradients left (`grads`)."""
+    existing = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers()) + list(batch.values())}
+    saved: dict[int, int] = {}
 
     def pack(t):
-        if isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return t  # weights are counted as weights, not activations
-        key = id(t) if t.device.type == "meta" else t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen[key] = t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
-            keep.append(t)
+        key = _storage_key(t)
+        if key not in existing:
+            saved[key] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    books = _AllocatorBooks(existing)
+    with books, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(**batch)
         loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().mean()
-    del loss, out
-    return sum(seen.values())
+        del out
+        saved_bytes = sum(saved.values())
+        loss.backward()
+        del loss
+    grads = books.live  # what is left after backward: the gradients
+    for p in model.parameters():
+        p.grad = None
+    return {"peak": books.peak, "saved": saved_bytes, "grads": grads}
 
 
 def dummy_batch(task: str, batch_size: int, seq_len: int, device="meta", vocab: int = 100) -> dict:
@@ -100,25 +166,60 @@ def method_cost(model, task: str, name: str, batch_size: int, seq_len: int, cfg=
         return {"method": name, "error": str(e).splitlines()[0]}
     # AdaLoRA's `ranknum` is a frozen Parameter that comes out trainable when built on meta
     trainable = sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "ranknum" not in n)
-    total = sum(p.numel() for p in m.parameters())
     base_total = sum(p.numel() for p in model.parameters())
     row = {"method": name, "trainable_params": trainable, "share": trainable / base_total,
-           "weights_bytes": total * 4, "grad_bytes": trainable * 4, "optimizer_bytes": trainable * 8,
+           "weights_bytes": weights_bytes(m), "grad_bytes": trainable * 4,
+           # slimtune's fused AdamW: exp_avg and exp_avg_sq per trainable value and a 4-byte step count per
+           # tensor; it updates in place, so the optimizer step adds nothing to the forward + backward peak
+           "optimizer_bytes": trainable * 8 + 4 * sum(1 for p in m.parameters() if p.requires_grad),
            "adapter_bytes": trainable * 4, "mergeable": method.mergeable}
+    step = None
     if activations:
         try:
             m.train()
-            row["activation_bytes"] = saved_activation_bytes(m, dummy_batch(task, batch_size, seq_len))
+            step = step_bytes(m, dummy_batch(task, batch_size, seq_len))
+            row["activation_bytes"], row["step_peak_bytes"] = step["saved"], step["peak"]
         except Exception as e:  # a model whose forward cannot run on meta tensors
-            row["activation_bytes"] = None
-            row["note"] = f"activations not estimated: {type(e).__name__}"
-    act = row.get("activation_bytes") or 0
-    row["train_memory_bytes"] = row["weights_bytes"] + row["grad_bytes"] + row["optimizer_bytes"] + act
+            row["activation_bytes"] = row["step_peak_bytes"] = None
+            first = (str(e).splitlines() or [""])[0][:120]
+            row["note"] = (f"train memory without activations: the forward pass failed on the meta device "
+                           f"({type(e).__name__}: {first})")
+    # the step's peak includes the gradients as they appear; without it, count them whole
+    held = step["peak"] if step else row["grad_bytes"]
+    row["train_memory_bytes"] = row["weights_bytes"] + row["optimizer_bytes"] + held
     return row
+
+
+@contextlib.contextmanager
+def _quiet_dependencies():
+    """Building every method on a copy makes peft and transformers warn about things that concern
+    training, not an estimate (BOFT's missing CUDA extension, deprecations): hide their warnings and
+    log messages while inspect computes, keep slimtune's own, and restore the settings afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    hf_level, peft_logger = hf_logging.get_verbosity(), logging.getLogger("peft")
+    peft_level = peft_logger.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_logging.set_verbosity_error()
+        peft_logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(hf_level)
+            peft_logger.setLevel(peft_level)
+    for w in caught:
+        if "/slimtune/" in w.filename.replace("\\", "/"):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def inspect_model(name: str, task: str = "auto", batch_size: int = 8, seq_len: int = 128, num_labels: int = 2,
                   methods: list[str] | None = None, trust_remote_code: bool = False) -> dict:
+    with _quiet_dependencies():
+        return _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_code)
+
+
+def _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_code) -> dict:
     source = resolve(name)
     model, task = _meta_model(source, task, num_labels, trust_remote_code)
     blocks_name, blocks = find_blocks(model)
@@ -142,8 +243,8 @@ def inspect_model(name: str, task: str = "auto", batch_size: int = 8, seq_len: i
         "target_modules": [{"name": n, "peft_name": n.split(".")[-1], "example": f"{blocks_name}.0.{n}", "weight_shape": shapes.get(n)} for n in targets],
         "batch_size": batch_size, "seq_len": seq_len,
         "methods": rows,
-        "estimate": "training memory = fp32 weights + fp32 gradients of trainable params + AdamW state (2x trainable) "
-                    "+ activations saved for backward (fp32, meta-device forward pass)",
+        "estimate": "training memory = fp32 weights and buffers + AdamW state (2x trainable) + the peak of one "
+                    "forward + backward pass (saved activations, temporaries, gradients; fp32, run on the meta device)",
     }
 
 
@@ -167,17 +268,20 @@ def print_report(r: dict, console) -> None:
     for m in r["target_modules"]:
         t.add_row(m["name"], m["peft_name"], "x".join(map(str, m["weight_shape"] or [])))
     console.print(t)
-    t = Table(title=f"methods at default options (memory for batch {r['batch_size']} x {r['seq_len']} tokens)")
-    for c in ("method", "trainable", "share", "train memory MB", "activations MB", "adapter MB", "merge"):
-        t.add_column(c, justify="left" if c == "method" else "right")
+    # fits 80 columns: method names never wrap, headers are short, the numbers are narrow
+    t = Table(title=f"methods at default options (MB for batch {r['batch_size']} x {r['seq_len']} tokens)",
+              show_edge=False)
+    t.add_column("method", no_wrap=True)
+    for c in ("trainable", "share", "train", "saved", "adapter", "merge"):
+        t.add_column(c, justify="right", no_wrap=True)
     for row in r["methods"]:
         if "error" in row:
             t.add_row(row["method"], "-", "-", "-", "-", "-", "n/a")
             continue
-        t.add_row(row["method"], f"{row['trainable_params']:,}", f"{row['share']:.3%}", _mb(row["train_memory_bytes"]),
+        t.add_row(row["method"], f"{row['trainable_params']:,}", f"{row['share']:.2%}", _mb(row["train_memory_bytes"]),
                   _mb(row.get("activation_bytes")), _mb(row["adapter_bytes"]), "yes" if row["mergeable"] else "no")
     console.print(t)
     for row in r["methods"]:
-        if "error" in row:
-            console.print(f"[yellow]{row['method']}[/]: {row['error']}")
-    console.print(f"[dim]{r['estimate']}; eva is counted at LoRA's rank budget before its data-driven redistribution[/]")
+        if "error" in row or "note" in row:
+            console.print(f"[yellow]{row['method']}[/]: {row.get('error') or row['note']}")
+    console.print(f"[dim]train: {r['estimate']}; saved: the activations autograd keeps for backward; eva is counted at LoRA's rank budget before its data-driven redistribution[/]")
