@@ -263,10 +263,15 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_workers_on_postgresql(tiny_bert, cls_data, tmp_path, postgres_url):
+def test_two_workers_on_postgresql(tiny_bert, cls_data, tmp_path, postgres_url, monkeypatch):
+    from slimtune.sweep.worker import STORAGE_ENV
+
+    secret = "pg-S3cret"  # the server trusts local connections: any password connects, and none may be written
+    url = postgres_url.replace("postgres@", f"postgres:{secret}@", 1)
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
     cfg_path = tmp_path / "pg.yaml"
     cfg_path.write_text(yaml.safe_dump(sweep_config(tiny_bert, cls_data, tmp_path / "runs", trials=4), sort_keys=False))
-    res = runner.invoke(app, ["sweep", str(cfg_path), "--workers", "2", "--storage", postgres_url, "--no-plots"])
+    res = runner.invoke(app, ["sweep", str(cfg_path), "--workers", "2", "--storage", url, "--no-plots"])
     assert res.exit_code == 0, res.output
     sweep_dir = tmp_path / "runs" / "sweep-pg"
     assert not (sweep_dir / "study.db").exists()  # the study lives in the database
@@ -276,11 +281,15 @@ def test_two_workers_on_postgresql(tiny_bert, cls_data, tmp_path, postgres_url):
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}
     check_trials_consistent(trials, sweep_dir)
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["storage"].startswith("postgresql+psycopg2://postgres@127.0.0.1")
-    # another machine would run the same command: it joins the study, finds the budget spent, adds nothing
-    res = runner.invoke(app, ["sweep", str(cfg_path), "--storage", postgres_url, "--name", "sweep-pg", "--no-plots"])
+    assert summary["storage"].startswith("postgresql+psycopg2://postgres:***@127.0.0.1")
+    # another machine would run the same command (the URL in the environment): it joins the study, finds the budget
+    # spent, adds nothing
+    monkeypatch.setenv(STORAGE_ENV, url)
+    res = runner.invoke(app, ["sweep", str(cfg_path), "--name", "sweep-pg", "--no-plots"])
     assert res.exit_code == 0, res.output
     assert len(study_trials(sweep_dir, postgres_url, "sweep-pg")) == 4
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 10 and [str(p) for p in files if secret.encode() in p.read_bytes()] == []
 
 
 def test_budget_counts_finished_trials_across_workers(tmp_path):

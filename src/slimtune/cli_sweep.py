@@ -10,18 +10,22 @@ import typer
 
 
 def _errors():
+    """What `error: ...` reports: the user errors of every command, a method that does not fit the model, and a
+    sweep that cannot go on. Any other exception is a bug and keeps its traceback."""
     from .cli import _user_errors
+    from .methods import MethodError
     from .sweep.worker import SweepError
 
-    return _user_errors() + (SweepError, ValueError)
+    return _user_errors() + (MethodError, SweepError)
 
 
 def sweep_cmd(
     config: Path = typer.Argument(..., help="YAML config with a `sweep:` section (search space, budget)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides of the base config: train.epochs=2"),
     workers: int = typer.Option(1, "--workers", min=1, help="local worker processes sharing the study"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL (default: SQLite in the sweep "
-                                          "folder); a shared PostgreSQL URL lets other machines join with the same command"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL (default: $SLIMTUNE_SWEEP_STORAGE, "
+                                          "else sweep.storage, else SQLite in the sweep folder); a shared PostgreSQL URL lets "
+                                          "other machines join with the same command. Files hold it with the password masked"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep folder / study name (default: sweep-<config stem>)"),
     trials: Optional[int] = typer.Option(None, "--trials", min=1, help="budget: finished trials (overrides sweep.trials)"),
     timeout_minutes: Optional[float] = typer.Option(None, "--timeout-minutes", help="budget: minutes (overrides sweep.timeout_minutes)"),

@@ -32,10 +32,12 @@ FALLBACK_RULE = ("the lr of the lowest smoothed loss / 10, within the tested ran
 
 def lr_schedule(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates growing geometrically from start to end (both included)."""
+    from ..config import ConfigError  # bad options are the user's to change: `error: ...`, not a traceback
+
     if not (0 < start < end):
-        raise ValueError(f"lr-find needs 0 < start_lr < end_lr, got {start} and {end}")
+        raise ConfigError(f"lr-find needs 0 < start_lr < end_lr, got {start} and {end}")
     if steps < 5:
-        raise ValueError(f"lr-find needs at least 5 steps, got {steps}")
+        raise ConfigError(f"lr-find needs at least 5 steps, got {steps}")
     return [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
 
 
@@ -85,10 +87,12 @@ def suggest(lrs: list[float], losses: list[float], beta: float = BETA) -> Sugges
     """The suggested lr for a recorded range test (see RULE)."""
     import numpy as np
 
+    from ..config import ConfigError
+
     n = min(len(lrs), len(losses))
     n = next((i for i in range(n) if not math.isfinite(losses[i])), n)  # up to the first non-finite loss
     if n < 5:
-        raise ValueError(f"lr-find recorded {n} finite losses before the loss diverged; need at least 5 "
+        raise ConfigError(f"lr-find recorded {n} finite losses before the loss diverged; need at least 5 "
                          "(more --steps, or a lower --start-lr)")
     x = np.log10(np.asarray(lrs[:n], dtype=float))
     y = np.asarray(smooth([float(v) for v in losses[:n]], beta))
@@ -208,7 +212,9 @@ def lr_find(config, overrides: list[str] | None = None, *, steps: int = 100, sta
 
     cfg = load_config(config, overrides)
     lrs = lr_schedule(start_lr, end_lr, steps)
-    base = cfg.model_dump(mode="json", exclude_unset=True)
+    from .space import sweep_base
+
+    base = sweep_base(cfg)
     out_dir = Path(out) if out is not None else Path(cfg.output.dir) / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "summary.json").exists() or (out_dir / "adapter").exists():
         raise ConfigError(f"{out_dir} is a run folder; lr-find writes its plot into a folder of its own (--out)")

@@ -85,12 +85,3 @@ def write_best(plan: dict, study, sweep_dir: Path) -> Path | None:
     path = Path(sweep_dir) / "best.yaml"
     atomic.write_text(path, head + yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def mask_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..schema import StrictModel
+from ..schema import StrictModel, plain_name
 
 SCALARS = (type(None), bool, int, float, str)
 NOT_SWEEPABLE = {
@@ -155,11 +155,16 @@ class SweepConfig(StrictModel):
     direction: Literal["auto", "maximize", "minimize"] = Field(
         "auto", description="objective direction; auto: from eval.monitor / eval.mode (maximize accuracy, minimize loss)")
     storage: str | None = Field(None, description="optuna storage URL; default: SQLite in the sweep folder. A shared "
-                                "database (postgresql://user:password@host/db) lets workers on many machines join one study")
+                                "database (postgresql://user:password@host/db) lets workers on many machines join one study. "
+                                "Every file the sweep writes holds it with the password masked (postgresql://user:***@host/db); "
+                                "at run time the URL comes from --storage, else $SLIMTUNE_SWEEP_STORAGE, else this key "
+                                "(a masked one needs the URL again: --storage or $SLIMTUNE_SWEEP_STORAGE)")
     study_name: str | None = Field(None, description="study name in the storage (default: the sweep name)")
     name: str | None = Field(None, description="sweep folder name under output.dir (default: sweep-<config file stem>); "
                              "re-running the same sweep resumes it")
     seed: int | None = Field(None, description="sampler seed (default: train.seed)")
+
+    _plain_name = field_validator("name")(plain_name)
 
     @field_validator("params")
     @classmethod
@@ -221,6 +226,14 @@ def trial_config(base: dict, params: dict[str, Any]) -> dict:
         if key != "method.name":
             set_key(data, key, value)
     return data
+
+
+def sweep_base(cfg) -> dict:
+    """The base of a sweep's trials: the keys the user set, without the sweep section. A default the loader filled
+    in (a method's own `train.lr`) is not among them, so a trial of another method gets that method's default."""
+    base = cfg.model_dump(mode="json", exclude_unset=True)
+    base.pop("sweep", None)
+    return base
 
 
 def method_names(cfg, space: dict[str, ParamSpec]) -> list[str]:
@@ -308,8 +321,7 @@ def check_space(cfg, source: str = "config") -> None:
     from ..config import ConfigError, config_from_dict
 
     space = cfg.sweep.params
-    base = cfg.model_dump(mode="json", exclude_unset=True)
-    base.pop("sweep", None)
+    base = sweep_base(cfg)
     problems = []
     configs = method_configs()
     if "method.name" in space:

@@ -7,6 +7,8 @@
       trials.csv        every trial: state, objective, params, evaluations, seconds, test metrics, run folder
       best.yaml         the best trial's config; `slimtune run best.yaml` takes it as it is
       summary.json      study, storage, direction, counts by state, best trial, wall time
+      (a storage URL is written with its password masked, postgresql://user:***@host/db, in every file: the real
+      one comes from --storage or $SLIMTUNE_SWEEP_STORAGE at run time, or the config file it was given in)
       history.png, importances.png, parallel.png, intermediate.png   (plots.txt says why one is missing)
 
 Re-running the same command resumes the study: finished trials stay, trials that were in flight
@@ -25,9 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, dump_config, load_config
+from ..config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
 from ..track import atomic
-from .worker import SweepError, intermediate_label, make_storage, recover_dead_trials, run_worker
+from .space import sweep_base
+from .worker import (STORAGE_ENV, SweepError, intermediate_label, make_storage, mask_url, recover_dead_trials,
+                     run_worker, storage_url)
 
 
 @dataclass
@@ -53,18 +57,25 @@ def _default_name(config) -> str:
     return "sweep"
 
 
-def prepare(config, overrides=None, *, name=None, storage=None, trials=None, timeout_minutes=None) -> tuple[RunConfig, str]:
+def prepare(config, overrides=None, *, name=None, storage=None, trials=None,
+            timeout_minutes=None) -> tuple[RunConfig, str, str | None]:
+    """The config with the sweep options given here set, its sweep name, and the storage URL to connect to
+    (None: SQLite in the sweep folder). The config holds that URL masked: it is what gets written."""
     cfg = load_config(config, overrides)
+    src = str(config) if isinstance(config, (str, Path)) else "the config"
     if cfg.sweep is None:
-        src = str(config) if isinstance(config, (str, Path)) else "the config"
         raise ConfigError(f"{src} has no `sweep:` section; add one with the search space, for example\n"
                           "sweep:\n  params:\n    train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}\n    method.r: [4, 8, 16]\n"
                           "  trials: 20")
-    sw = cfg.sweep
-    for key, value in (("name", name), ("storage", storage), ("trials", trials), ("timeout_minutes", timeout_minutes)):
-        if value is not None:
-            setattr(sw, key, value)
-    return cfg, sw.name or _default_name(config)
+    given = {k: v for k, v in (("name", name), ("trials", trials), ("timeout_minutes", timeout_minutes)) if v is not None}
+    url = storage_url(cfg.sweep.storage, storage)
+    if url is not None and (url != cfg.sweep.storage or mask_url(url) != url):
+        given["storage"] = mask_url(url)
+    if given:  # through the config's own checks (a name is one folder name, budgets are positive, ...)
+        data = cfg.model_dump(mode="json", exclude_unset=True)
+        data["sweep"].update(given)
+        cfg = config_from_dict(data, f"{src} with the sweep options given")
+    return cfg, cfg.sweep.name or _default_name(config), url
 
 
 def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name: str | None = None,
@@ -80,21 +91,21 @@ def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    cfg, sweep_name = prepare(config, overrides, name=name, storage=storage, trials=trials, timeout_minutes=timeout_minutes)
+    cfg, sweep_name, url = prepare(config, overrides, name=name, storage=storage, trials=trials,
+                                   timeout_minutes=timeout_minutes)
     sw = cfg.sweep
     sweep_dir = Path(cfg.output.dir) / sweep_name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    url = sw.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    url = url or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"  # the real URL: in memory only
     study_name = sw.study_name or sweep_name
     direction = sw.direction if sw.direction != "auto" else ("maximize" if cfg.higher_is_better else "minimize")
     _note_config(sweep_dir, cfg, log)
 
     study = optuna.create_study(storage=make_storage(url), study_name=study_name, direction=direction, load_if_exists=True)
     if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {study_name!r} in {url} was created to {study.direction.name.lower()}, not to {direction}; "
+        raise ConfigError(f"study {study_name!r} in {mask_url(url)} was created to {study.direction.name.lower()}, not to {direction}; "
                           "use another sweep.study_name / sweep.name")
-    base = cfg.model_dump(mode="json", exclude_unset=True)
-    base.pop("sweep", None)
+    base = sweep_base(cfg)
     cpus = os.cpu_count() or 1
     plan = {
         "sweep_dir": str(sweep_dir.resolve()), "sweep_name": sweep_name, "study_name": study_name, "storage": url,
@@ -154,10 +165,11 @@ def _note_config(sweep_dir: Path, cfg: RunConfig, log) -> None:
 
 def _run_processes(plan: dict, workers: int, sweep_dir: Path, log) -> None:
     """N worker processes (`python -m slimtune.sweep.worker`), each with cpus // N torch threads."""
-    plan = {**plan, "parent_pid": os.getpid()}
     plan_path = sweep_dir / f".plan-{os.getpid()}.json"
-    atomic.write_json(plan_path, plan)
-    env = {**os.environ, "OMP_NUM_THREADS": str(plan["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    # the file holds the storage masked; the workers get the real URL in their environment (worker.run_time_url)
+    atomic.write_json(plan_path, {**plan, "parent_pid": os.getpid(), "storage": mask_url(plan["storage"])})
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           STORAGE_ENV: plan["storage"]}
     procs = [subprocess.Popen([sys.executable, "-m", "slimtune.sweep.worker", str(plan_path), str(i)], env=env)
              for i in range(workers)]
     try:
@@ -187,7 +199,7 @@ def finish(plan: dict, sweep_dir: Path, wall: float, plots: bool = True) -> Swee
     """Table, best config, summary and plots from the study as it stands."""
     import optuna
 
-    from .results import best_trial, mask_url, write_best, write_table
+    from .results import best_trial, write_best, write_table
 
     study = optuna.load_study(study_name=plan["study_name"], storage=make_storage(plan["storage"]))
     rows = write_table(study, sweep_dir, plan["monitor"], list(plan["sweep"]["params"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 HOST = socket.gethostname()
 HEARTBEAT_S = 10  # optuna's heartbeat: a RUNNING trial whose worker is silent for GRACE_S is failed
 GRACE_S = 30
+STORAGE_ENV = "SLIMTUNE_SWEEP_STORAGE"  # the storage URL at run time: its password is never written to a file
 WAIT_S = 2.0  # poll interval while the remaining budget is held by trials in flight elsewhere
 MAX_FAILS_IN_ROW = 3
 
@@ -40,6 +42,64 @@ class SweepError(RuntimeError):
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite:")
+
+
+MASK = "***"
+_SECRET_QUERY = re.compile(r"([?&;](?:password|passwd|pwd|sslpassword|secret|token)=)[^&;#]*", re.IGNORECASE)
+_MASKED = re.compile(r"(?:^|[:/])\*\*\*@|=\*\*\*(?:[&;#]|$)")
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be shown or written to a file: the password (what follows 'user:' before the last '@')
+    and password-like query values replaced by ***. Done on the text, not by a URL parser, so that a URL no
+    parser reads (a password with '@' or '/' in it) is masked too; a user part without ':' is masked whole
+    unless it is a plain user name."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL; 'user:pw@host' still has its secret before the last '@'
+        scheme, rest = "", url
+    if "@" in rest and not rest.startswith("/"):  # sqlite:////abs/path has no user part
+        userinfo, host = rest.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        plain_user = re.fullmatch(r"[\w.+-]*", user) is not None
+        rest = (f"{user}:{MASK}" if colon and plain_user else userinfo if plain_user else MASK) + "@" + host
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + MASK, scheme + sep + rest)
+
+
+def is_masked(url: str) -> bool:
+    return _MASKED.search(url) is not None
+
+
+def storage_url(saved: str | None, given: str | None = None) -> str | None:
+    """The storage URL to connect to: `given` (--storage), else $SLIMTUNE_SWEEP_STORAGE, else the config's
+    sweep.storage; None: SQLite in the sweep folder. Only its masked form is ever written (sweep.yaml, the plan
+    file, summary.json), so a saved URL that was masked needs the real one again at run time."""
+    from ..config import ConfigError
+
+    url = given or os.environ.get(STORAGE_ENV) or saved
+    if not url:
+        return None
+    if is_masked(url):
+        raise ConfigError(f"sweep.storage {url!r} is masked (the password is never saved); give the URL again: "
+                          f"pass --storage URL or set {STORAGE_ENV}=URL")
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url)
+    except Exception:
+        raise ConfigError(f"sweep.storage {mask_url(url)!r} is not a database URL; accepted: sqlite:///path/study.db, "
+                          "postgresql://user:password@host/db (or another SQLAlchemy URL)") from None
+    return url
+
+
+def run_time_url(saved: str) -> str:
+    """A worker process's storage: the plan file holds the masked URL, the real one comes in $SLIMTUNE_SWEEP_STORAGE."""
+    real = os.environ.get(STORAGE_ENV)
+    if real and mask_url(real) == saved:
+        return real
+    if is_masked(saved):
+        raise SweepError(f"the sweep's storage {saved} is masked (the password is never saved); "
+                         f"set {STORAGE_ENV} to its URL")
+    return saved
 
 
 def make_storage(url: str):
@@ -361,8 +421,6 @@ def run_worker(plan: dict, index: int = 0, log=print) -> dict:
     """Run trials until the budget is spent; returns {trials: n run here, last_state}."""
     import optuna
 
-    from .results import write_table
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = make_storage(plan["storage"])
@@ -395,10 +453,7 @@ def run_worker(plan: dict, index: int = 0, log=print) -> dict:
         t = study.get_trials(deepcopy=False)
         t = next(x for x in t if x.number == objective.number)
         log(trial_line(t, plan))
-        try:
-            write_table(study, Path(plan["sweep_dir"]), plan["monitor"], list(plan["sweep"]["params"]))
-        except OSError:
-            pass
+        update_table(study, plan, log)
         if objective.fatal is not None:
             raise objective.fatal
         fails = fails + 1 if t.state.name == "FAIL" else 0
@@ -406,6 +461,18 @@ def run_worker(plan: dict, index: int = 0, log=print) -> dict:
             raise SweepError(f"{fails} trials in a row failed; the last one (trial {t.number}): "
                              f"{t.user_attrs.get('error', 'see its run folder')} ({t.user_attrs.get('run_dir')})")
     return {"trials": ran}
+
+
+def update_table(study, plan: dict, log) -> None:
+    """trials.csv after each trial. A failed write (a full disk, a permission) does not stop the sweep (the study
+    holds every trial and the table is written again after the next one and at the end), but it is said."""
+    from .results import write_table
+
+    try:
+        write_table(study, Path(plan["sweep_dir"]), plan["monitor"], list(plan["sweep"]["params"]))
+    except OSError as e:
+        log(f"[sweep] warning: {Path(plan['sweep_dir']) / 'trials.csv'} was not updated ({type(e).__name__}: {e}); "
+            "the study keeps every trial and the table is written again after the next trial and at the end")
 
 
 def reported_metric(plan: dict) -> tuple[str, float]:
@@ -460,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     plan = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     index = int(argv[1])
+    try:
+        plan["storage"] = run_time_url(plan["storage"])
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if plan.get("parent_pid"):
         _watch_parent(plan["parent_pid"])
     if plan.get("threads"):

@@ -68,20 +68,35 @@ class MlflowSink:
             raise ImportError(MISSING.format(what="mlflow", key="mlflow")) from None
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        if run_id is not None:  # a resumed run continues its MLflow run
-            try:
-                self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-                return
-            except Exception:
-                pass
+        if run_id is not None and self._resume(run_id):  # a resumed run continues its MLflow run
+            return
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"slimtune.run_name": run_name}).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in flat(config).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _resume(self, run_id: str) -> bool:
+        """Continue the MLflow run of the run folder's earlier session; if that run is gone (another tracking
+        URI, a deleted or unreachable store), say so: the metrics then go to a new MLflow run."""
+        from ..sweep.worker import mask_url
+
+        try:
+            self.client.get_run(run_id)
+        except Exception as e:
+            what, err = f"was not found in {mask_url(self.uri)}", e
+        else:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return True
+            except Exception as e:
+                what, err = "could not be reopened", e
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"[tracking warning] mlflow: the MLflow run {run_id} of this run's earlier session {what} "
+              f"({type(err).__name__}: {detail}); logging this session to a new MLflow run", file=sys.stderr)
+        return False
 
     def __call__(self, record: dict) -> None:
         import time
