@@ -402,6 +402,104 @@ def test_truncation_share_is_reported(tmp_path, tiny_bert):
     assert not any("truncated" in w for w in splits64.report.warnings)
 
 
+class SpyTokenizer:
+    """A tokenizer that records the longest text it was given (the cost of tokenizing grows with it)."""
+
+    def __init__(self, tok):
+        self._tok, self.longest = tok, 0
+
+    def _note(self, *texts):
+        for t in texts:
+            for x in (t if isinstance(t, list) else [t]):
+                if isinstance(x, str):
+                    self.longest = max(self.longest, len(x))
+
+    def __call__(self, text, text_pair=None, **kw):
+        self._note(text, text_pair)
+        return self._tok(text, text_pair, **kw)
+
+    def apply_chat_template(self, messages, **kw):
+        self._note([m["content"] for m in messages])
+        return self._tok.apply_chat_template(messages, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def huge_text(n_chars: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = "the movie was very good and the plot was quite nice but acting poor".split()
+    out, size = [], 0
+    while size < n_chars:
+        w = rng.choice(words)
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)
+
+
+def test_a_huge_text_is_tokenized_as_a_head_only(tmp_path, tiny_bert):
+    """A 2 MB cell: the tokenizer only ever sees a bounded head, the example keeps the first max_length
+    tokens of the whole text, and the truncation share still counts it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    big, long = huge_text(2_000_000), huge_text(200_000, seed=1)
+    rows = unique_rows(20)
+    rows[3]["text"], rows[5]["text"] = big, long
+    train = write_csv(tmp_path / "train.csv", rows)
+    ev = write_csv(tmp_path / "eval.csv", [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}])
+    cfg = cfg_for("text-classification", train, model={"max_length": 16}, eval=ev)
+    splits = TC.load_data(cfg)
+    spy = SpyTokenizer(tok)
+    feats = TC.featurize(cfg, spy, splits)
+    assert spy.longest < 10_000, spy.longest  # not the 2 MB text
+    assert len(feats["train"][3]["input_ids"]) == 16
+    # the same tokens as from the whole text (the reference tokenizes it whole: 200 kB, not 2 MB)
+    assert feats["train"][5]["input_ids"] == tok(long, truncation=True, max_length=16)["input_ids"]
+    assert splits.report.stats["train_truncated"] == 2 and any("2 of 20" in w for w in splits.report.warnings)
+    # a text pair: both sides cut, the pair truncated as tokenizing the whole texts would
+    from slimtune.tasks.common import HEAD_MARGIN, head_texts
+
+    a, b = big[:3000], huge_text(5000, seed=1)  # the reference tokenizes whole texts: kept small here
+    heads, cut = head_texts(spy, [a, "good film", b], 16 + HEAD_MARGIN)
+    assert cut == [True, False, True] and heads[1] == "good film" and a.startswith(heads[0]) and len(heads[0]) < 1000
+    assert tok(heads[0], heads[2], truncation=True, max_length=16)["input_ids"] == \
+        tok(a, b, truncation=True, max_length=16)["input_ids"]
+
+
+def test_a_head_grows_past_whitespace_runs(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from slimtune.tasks.common import head_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    text = " " * 50_000 + "good film " * 10_000  # the first tokens lie far in: the head doubles until it holds them
+    heads, cut = head_texts(tok, [text], 20)
+    assert cut == [True] and len(tok(heads[0], add_special_tokens=False)["input_ids"]) >= 20
+
+
+def test_a_huge_chat_message_is_tokenized_as_a_head_only(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = chat_rows(10)
+    rows[2] = {"messages": [{"role": "user", "content": "tell me about cats"},
+                            {"role": "assistant", "content": huge_text(200_000)}]}  # the reference below renders it whole
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    ev = write_jsonl(tmp_path / "eval.jsonl", chat_rows(4, seed=1))
+    cfg = cfg_for("causal-lm", train, model={"max_length": 32}, eval=ev)
+    splits = LM.load_data(cfg)
+    spy = SpyTokenizer(tok)
+    feats = LM.featurize(cfg, spy, splits)
+    assert spy.longest < 10_000, spy.longest
+    assert max(len(ex["input_ids"]) for ex in feats["train"]) == 32
+    assert splits.report.stats["train_truncated"] == 1
+    whole, _ = LM.encode_chat(tok, splits.train[2]["messages"], 32, False)
+    assert feats["train"][2] == whole  # the same example as from the whole message
+
+
 # -- seeded, stratified splits ------------------------------------------------------
 
 def test_split_indices_stratified():

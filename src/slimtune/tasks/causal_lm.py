@@ -14,7 +14,7 @@ import torch
 
 from ..data.readers import DataError
 from ..data.validate import require_columns, text_warnings
-from .common import Splits, pad_batch, read_splits, truncation_warning
+from .common import HEAD_MARGIN, Splits, head_texts, pad_batch, read_splits, truncation_warning
 
 METRICS = ("loss", "perplexity")
 DEFAULT_METRICS = ("loss", "perplexity")
@@ -136,6 +136,14 @@ def encode_chat(tokenizer, messages, max_length: int, train_on_prompt: bool):
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
 
 
+def _head_messages(tokenizer, messages, n_tokens: int):
+    """Each message's content cut to a head of at least n_tokens tokens (the conversation is rendered
+    and tokenized once per assistant turn, a huge content each time); (messages, any cut?). A cut content
+    alone fills max_length, so whatever follows it lay past the truncation anyway."""
+    heads, cut = head_texts(tokenizer, [m["content"] for m in messages], n_tokens)
+    return [{**m, "content": h} for m, h in zip(messages, heads)], any(cut)
+
+
 def _pack_text(tokenizer, texts, max_length):
     eos = tokenizer.eos_token_id
     stream: list[int] = []
@@ -158,8 +166,9 @@ def featurize(cfg, tokenizer, splits: Splits):
         else:
             examples, n_trunc = [], 0
             for msgs in _records_to_messages(cfg, ds, fmt):
+                msgs, cut = _head_messages(tokenizer, msgs, cfg.model.max_length + HEAD_MARGIN)
                 ex, trunc = encode_chat(tokenizer, msgs, cfg.model.max_length, cfg.data.train_on_prompt)
-                n_trunc += trunc
+                n_trunc += trunc or cut
                 if any(l != -100 for l in ex["labels"]):
                     examples.append(ex)
             truncation_warning(splits.report, name, n_trunc, len(ds), cfg.model.max_length)

@@ -101,6 +101,42 @@ def truncation_warning(report: DataReport, split: str, n_truncated: int, n: int,
         report.warn(f"{split}: {n_truncated} of {n} examples ({n_truncated / n:.1%}) are longer than model.max_length={max_length} and were truncated")
 
 
+# a head holds this many tokens more than it must, so that the last word it cuts lies past the kept tokens
+HEAD_MARGIN = 8
+
+
+def head_texts(tokenizer, texts: list[str], n_tokens: int) -> tuple[list[str], list[bool]]:
+    """Each text cut to a head holding at least `n_tokens` tokens, or left whole; and whether it was cut.
+
+    A fast tokenizer tokenizes a whole text before it truncates, so one 50 MB cell cost 10 GB of memory
+    and minutes, while only the first max_length tokens are kept. A cut head ends at a whitespace (no
+    word split, so its first tokens are those of the whole text); it starts at 16 characters per wanted
+    token and doubles until it holds enough tokens (whitespace runs and long words hold few)."""
+    heads, cut = list(texts), [False] * len(texts)
+    budget = 16 * n_tokens + 256
+    todo = [i for i, t in enumerate(texts) if len(t) > budget]
+    while todo:
+        todo = [i for i in todo if len(texts[i]) > budget]  # the others are whole, as they were
+        if not todo:
+            break
+        cand = {i: texts[i][:_space_before(texts[i], budget)] for i in todo}
+        ids = tokenizer([cand[i] for i in todo], add_special_tokens=False, truncation=True, max_length=n_tokens)["input_ids"]
+        short = []
+        for i, x in zip(todo, ids):
+            if len(x) >= n_tokens:
+                heads[i], cut[i] = cand[i], True
+            else:
+                short.append(i)
+        todo, budget = short, budget * 2
+    return heads, cut
+
+
+def _space_before(text: str, end: int) -> int:
+    """The last whitespace before `end` (in its second half), else `end`."""
+    j = max(text.rfind(c, end // 2, end) for c in " \n\t")
+    return j if j > 0 else end
+
+
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
     return float((pred == gold).mean()) if len(gold) else float("nan")
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ..data.validate import check_unseen_labels, imbalance_warning, label_values, require_columns, text_warnings
-from .common import Splits, accuracy, macro_f1, pad_batch, read_splits, truncation_warning
+from .common import HEAD_MARGIN, Splits, accuracy, head_texts, macro_f1, pad_batch, read_splits, truncation_warning
 
 METRICS = ("accuracy", "macro_f1", "loss")
 DEFAULT_METRICS = ("accuracy", "macro_f1", "loss")
@@ -92,16 +92,21 @@ def featurize(cfg, tokenizer, splits: Splits):
     label_id = {l: i for i, l in enumerate(splits.meta["labels"])}
     out = {}
     for name, ds in splits.present():
-        texts = [str(t) for t in ds[d.text_column]]
-        pairs = [str(t) for t in ds[d.text_pair_column]] if d.text_pair_column else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.model.max_length)
-        # only examples that hit max_length can have been truncated: re-tokenize just those to check
-        at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= cfg.model.max_length]
-        n_trunc = 0
+        L = cfg.model.max_length
+        # only heads are tokenized: a cut text holds more than max_length tokens, so it is truncated
+        texts, cut = head_texts(tokenizer, _texts(ds, d.text_column), L + HEAD_MARGIN)
+        pairs = None
+        if d.text_pair_column:
+            pairs, pair_cut = head_texts(tokenizer, _texts(ds, d.text_pair_column), L + HEAD_MARGIN)
+            cut = [a or b for a, b in zip(cut, pair_cut)]
+        enc = tokenizer(texts, pairs, truncation=True, max_length=L)
+        # of the others, only examples that hit max_length can have been truncated: re-tokenize just those
+        at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= L and not cut[i]]
+        n_trunc = sum(cut)
         if at_max:
             full = tokenizer([texts[i] for i in at_max], [pairs[i] for i in at_max] if pairs else None)["input_ids"]
-            n_trunc = sum(len(x) > cfg.model.max_length for x in full)
-        truncation_warning(splits.report, name, n_trunc, len(texts), cfg.model.max_length)
+            n_trunc += sum(len(x) > L for x in full)
+        truncation_warning(splits.report, name, n_trunc, len(texts), L)
         labels = [label_id.get(l, -1) for l in _labels(ds, d.label_column)]
         out[name] = [
             {"input_ids": ids, "attention_mask": am, "labels": y}
@@ -158,7 +163,8 @@ def predict(model, tokenizer, texts: list[str], meta: dict, max_length: int = 25
     device = next(model.parameters()).device
     results = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+        heads, _ = head_texts(tokenizer, texts[i:i + batch_size], max_length + HEAD_MARGIN)
+        enc = tokenizer(heads, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
         probs = model(**enc).logits.float().softmax(-1).cpu().numpy()
         for text, p in zip(texts[i:i + batch_size], probs):
             order = np.argsort(-p)
