@@ -264,7 +264,7 @@ def postgres_url():
 
 
 def test_two_workers_on_postgresql(tiny_bert, cls_data, tmp_path, postgres_url, monkeypatch):
-    from slimtune.sweep.worker import STORAGE_ENV
+    from slimtune.sweep.storage import STORAGE_ENV
 
     secret = "pg-S3cret"  # the server trusts local connections: any password connects, and none may be written
     url = postgres_url.replace("postgres@", f"postgres:{secret}@", 1)

@@ -14,7 +14,8 @@ from slimtune.cli import app
 from slimtune.config import ConfigError, load_config
 from slimtune.methods import REGISTRY
 from slimtune.sweep.space import sweep_base, trial_config
-from slimtune.sweep.worker import STORAGE_ENV, SweepError, is_masked, mask_url
+from slimtune.sweep.storage import STORAGE_ENV, is_masked, mask_url
+from slimtune.sweep.worker import SweepError
 
 from conftest import cls_config
 

@@ -5,6 +5,8 @@
                 pruner, storage; checked against the config schema; sampled values -> a trial's config
     study.py    the sweep folder, the optuna study (RDB storage), local worker processes, the results
                 (trials table, best config, plots)
+    storage.py  the storage URL: from --storage / $SLIMTUNE_SWEEP_STORAGE / the config, and its masked form
+                (the only one any file holds)
     worker.py   one worker: takes trials from the shared study until the budget is spent; each trial is
                 a normal `slimtune.run()` with a pruning callback
     plots.py    optimisation history, parameter importances, parallel coordinates, learning curves

@@ -30,8 +30,8 @@ import yaml
 from ..config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
 from ..track import atomic
 from .space import sweep_base
-from .worker import (STORAGE_ENV, SweepError, intermediate_label, make_storage, mask_url, recover_dead_trials,
-                     run_worker, storage_url)
+from .storage import STORAGE_ENV, mask_url, storage_url
+from .worker import SweepError, intermediate_label, make_storage, recover_dead_trials, run_worker
 
 
 @dataclass

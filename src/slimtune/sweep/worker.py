@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
 import sys
 import threading
@@ -26,10 +25,11 @@ import time
 import warnings
 from pathlib import Path
 
+from .storage import STORAGE_ENV, is_masked, mask_url
+
 HOST = socket.gethostname()
 HEARTBEAT_S = 10  # optuna's heartbeat: a RUNNING trial whose worker is silent for GRACE_S is failed
 GRACE_S = 30
-STORAGE_ENV = "SLIMTUNE_SWEEP_STORAGE"  # the storage URL at run time: its password is never written to a file
 WAIT_S = 2.0  # poll interval while the remaining budget is held by trials in flight elsewhere
 MAX_FAILS_IN_ROW = 3
 
@@ -42,53 +42,6 @@ class SweepError(RuntimeError):
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite:")
-
-
-MASK = "***"
-_SECRET_QUERY = re.compile(r"([?&;](?:password|passwd|pwd|sslpassword|secret|token)=)[^&;#]*", re.IGNORECASE)
-_MASKED = re.compile(r"(?:^|[:/])\*\*\*@|=\*\*\*(?:[&;#]|$)")
-
-
-def mask_url(url: str) -> str:
-    """The URL as it may be shown or written to a file: the password (what follows 'user:' before the last '@')
-    and password-like query values replaced by ***. Done on the text, not by a URL parser, so that a URL no
-    parser reads (a password with '@' or '/' in it) is masked too; a user part without ':' is masked whole
-    unless it is a plain user name."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:  # not a URL; 'user:pw@host' still has its secret before the last '@'
-        scheme, rest = "", url
-    if "@" in rest and not rest.startswith("/"):  # sqlite:////abs/path has no user part
-        userinfo, host = rest.rsplit("@", 1)
-        user, colon, _ = userinfo.partition(":")
-        plain_user = re.fullmatch(r"[\w.+-]*", user) is not None
-        rest = (f"{user}:{MASK}" if colon and plain_user else userinfo if plain_user else MASK) + "@" + host
-    return _SECRET_QUERY.sub(lambda m: m.group(1) + MASK, scheme + sep + rest)
-
-
-def is_masked(url: str) -> bool:
-    return _MASKED.search(url) is not None
-
-
-def storage_url(saved: str | None, given: str | None = None) -> str | None:
-    """The storage URL to connect to: `given` (--storage), else $SLIMTUNE_SWEEP_STORAGE, else the config's
-    sweep.storage; None: SQLite in the sweep folder. Only its masked form is ever written (sweep.yaml, the plan
-    file, summary.json), so a saved URL that was masked needs the real one again at run time."""
-    from ..config import ConfigError
-
-    url = given or os.environ.get(STORAGE_ENV) or saved
-    if not url:
-        return None
-    if is_masked(url):
-        raise ConfigError(f"sweep.storage {url!r} is masked (the password is never saved); give the URL again: "
-                          f"pass --storage URL or set {STORAGE_ENV}=URL")
-    try:
-        from sqlalchemy.engine import make_url
-
-        make_url(url)
-    except Exception:
-        raise ConfigError(f"sweep.storage {mask_url(url)!r} is not a database URL; accepted: sqlite:///path/study.db, "
-                          "postgresql://user:password@host/db (or another SQLAlchemy URL)") from None
-    return url
 
 
 def run_time_url(saved: str) -> str:

@@ -80,7 +80,7 @@ class MlflowSink:
     def _resume(self, run_id: str) -> bool:
         """Continue the MLflow run of the run folder's earlier session; if that run is gone (another tracking
         URI, a deleted or unreachable store), say so: the metrics then go to a new MLflow run."""
-        from ..sweep.worker import mask_url
+        from ..sweep.storage import mask_url
 
         try:
             self.client.get_run(run_id)
