@@ -72,12 +72,14 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")):
     """Labels + probabilities (classification) or generated text (causal-lm)."""
     from . import api
+    from .data.readers import read_lines
 
     inputs = list(text or [])
     if file is not None:
-        if not file.is_file():
-            _fail(FileNotFoundError(f"{file}: file not found"))
-        inputs += [l for l in file.read_text(encoding="utf-8").splitlines() if l.strip()]
+        try:
+            inputs += read_lines(file)  # not found / not UTF-8 / empty: an error naming the file
+        except _user_errors() as e:
+            _fail(e)
     inputs += [str(p) for p in image or []]
     if not inputs:
         _fail(ValueError("give --text TEXT (repeatable), --file FILE or --image PATH"))

@@ -67,7 +67,47 @@ def _read_jsonl(path: Path) -> Dataset:
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataError(f"{path}: record {bad} is not a JSON object; expected objects such as {{\"text\": ..., \"label\": ...}}")
-    return Dataset.from_list(rows)
+    import pyarrow as pa
+
+    try:
+        return Dataset.from_list(rows)
+    except pa.ArrowException as e:  # a column holds values of several JSON types: Arrow needs one per column
+        raise DataError(_mixed_types(path, rows) or f"{path}: the records do not form a table ({e})") from None
+
+
+def _json_type(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true/false"
+    return {int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _mixed_types(path: Path, rows: list[dict]) -> str | None:
+    """The first column whose values have more than one JSON type, with the first records of each type."""
+    for col in dict.fromkeys(k for r in rows for k in r):
+        where: dict[str, list[int]] = {}
+        for i, r in enumerate(rows, 1):
+            t = _json_type(r.get(col))
+            if t is not None:
+                where.setdefault(t, []).append(i)
+        if len(where) > 1:
+            parts = "; ".join(f"{t} in record(s) {', '.join(map(str, idx[:5]))}{', ...' if len(idx) > 5 else ''} "
+                              f"({len(idx)} in all)" for t, idx in where.items())
+            return (f"{path}: column {col!r} mixes value types: {parts}; give every value of a column the same type "
+                    f"(for labels, quote them all: \"1\" rather than 1)")
+    return None
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (`predict --file`), with errors that name the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (working directory: {Path.cwd()})")
+    lines = [l for l in _read_text(path).splitlines() if l.strip()]
+    if not lines:
+        raise DataError(f"{path}: the file is empty (no non-blank lines); give one input per line")
+    return lines
 
 
 def _read_txt(path: Path) -> Dataset:

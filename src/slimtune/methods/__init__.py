@@ -83,9 +83,25 @@ def adapter_kind(path: Path) -> str:
     raise FileNotFoundError(f"{path}: neither adapter_config.json (peft) nor {NATIVE_FILE} (slimtune) found")
 
 
+def adapter_weights(path: Path) -> Path:
+    """The adapter's weights file, checked to be there and whole. Without this, peft takes a missing local
+    file for a Hub id and blames the network ("outgoing traffic has been disabled")."""
+    from ..models.checks import check_weight_file
+
+    path = Path(path)
+    names = (NATIVE_WEIGHTS, "adapter_model.bin") if adapter_kind(path) == "peft" else (NATIVE_WEIGHTS,)
+    file = next((path / n for n in names if (path / n).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{path / NATIVE_WEIGHTS}: missing; the adapter's weights are gone from the run "
+                                f"folder (it holds: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})")
+    check_weight_file(file)
+    return file
+
+
 def load_adapter(base, path: Path):
     """The base model with the adapter at `path` applied (peft or slimtune layout)."""
     path = Path(path)
+    adapter_weights(path)
     if adapter_kind(path) == "peft":
         from peft import PeftModel
 
