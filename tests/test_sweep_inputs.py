@@ -46,6 +46,9 @@ def test_each_trial_gets_its_own_methods_default_lr(base_method):
     for name, lr in expected.items():
         trial = load_config(trial_config(base, {"method.name": name}))
         assert (trial.method.name, trial.train.lr) == (name, pytest.approx(lr))
+    # a config object given to the sweep (load_config(RunConfig)) keeps the default a default too
+    again = load_config(cfg)
+    assert again == cfg and "lr" not in sweep_base(again)["train"]
 
 
 def test_a_user_set_lr_is_carried_to_every_trial():

@@ -405,8 +405,8 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
 
 def load_config(path: str | Path | dict | RunConfig, overrides: list[str] | None = None) -> RunConfig:
     """A validated RunConfig from a YAML path, a dict or a RunConfig, with dotted overrides applied."""
-    if isinstance(path, RunConfig):
-        data, source = path.model_dump(mode="json"), "config"
+    if isinstance(path, RunConfig):  # the keys set, not the filled-in defaults (a method's lr), which reload the same
+        data, source = path.model_dump(mode="json", exclude_unset=True), "config"
     elif isinstance(path, dict):
         data, source = path, "config"
     else:
