@@ -139,18 +139,18 @@ def inspect(model: str = typer.Argument(..., help="Hub id, local folder or .gguf
 
 @app.command()
 def validate(config: Path = typer.Argument(...), overrides: Optional[List[str]] = typer.Argument(None)):
-    """Check a config and its data without training."""
-    from .config import load_config
-    from .tasks import get_task
+    """Check a config, its data and its model (source, config, weights headers, max_length) without training."""
+    from .validate import validate as check
 
     try:
-        cfg = load_config(config, overrides)
-        splits = get_task(cfg.task).load_data(cfg)
+        v = check(config, overrides)
     except _user_errors() as e:
         _fail(e)
-    out.print(f"config ok: task={cfg.task} model={cfg.model.name} method={cfg.method.name}")
+    cfg, splits = v.cfg, v.splits
+    out.print(f"config ok: task={cfg.task} model={cfg.model.name} method={cfg.method.name}", highlight=False)
+    out.print(f"model ok: {v.model}", markup=False, highlight=False)
     out.print(f"data ok: train={len(splits.train)} eval={len(splits.eval)}" + (f" test={len(splits.test)}" if splits.test is not None else ""))
-    for w in splits.report.warnings:
+    for w in v.warnings:
         out.print(f"[yellow]warning:[/] {w}")
 
 

@@ -9,10 +9,12 @@
     compute_metrics(parts, wanted) -> dict
     count(batch) -> (samples, tokens)            for throughput
     predict(model, tokenizer, inputs, meta, **kw)
+    load_processor(cfg, source)                  the tokenizer (text: model.max_length checked against the
+                                                 model's positions) or the image preprocessing
 
-Optional (image-classification has them): load_processor(cfg, source) instead of the tokenizer,
-train_collate(processor, holder) for augmented / resized training batches, read_eval(cfg, source)
-for `slimtune eval`; examples may carry a `length` instead of `input_ids`.
+Optional (image-classification has them): train_collate(processor, holder) for augmented / resized
+training batches, read_eval(cfg, source) for `slimtune eval`; examples may carry a `length` instead of
+`input_ids`.
 """
 from __future__ import annotations
 

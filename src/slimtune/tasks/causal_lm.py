@@ -97,6 +97,17 @@ def check_eval_data(cfg, splits: Splits) -> None:
         _check_messages(splits.test, cfg.data.messages_column, src)
 
 
+def load_processor(cfg, source):
+    """The tokenizer; model.max_length is checked against the model's position limit here, before any data
+    is tokenized or a run folder written (a longer input fails inside the model's forward, mid-run)."""
+    from ..models import load_tokenizer
+    from ..models.checks import check_source_max_length
+
+    tok = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+    check_source_max_length(cfg, source, tok)
+    return tok
+
+
 def load_model(cfg, source, splits, **load_kwargs):
     from transformers import AutoModelForCausalLM
 
