@@ -244,6 +244,89 @@ def test_processor_config_forms(tmp_path):
     assert spec_from_processor_config(tmp_path / "missing") == {}
 
 
+def _processor(cfg_dict, source):
+    from slimtune.config import load_config
+    from slimtune.tasks.image_classification import load_processor
+
+    return load_processor(load_config(cfg_dict), source)
+
+
+def test_missing_preprocessor_config_is_said(tmp_path):
+    from slimtune.models import ModelSource
+    from slimtune.tasks.common import Splits
+    from slimtune.data.validate import DataReport
+    from slimtune.tasks.image_classification import featurize
+
+    model = Path(tiny_vit(tmp_path / "vit"))
+    (model / "preprocessor_config.json").unlink()
+    cfg = image_config(str(model), "unused", tmp_path / "r")
+    proc = _processor(cfg, ModelSource(str(model), None, None, "folder"))
+    assert proc.spec.size == 224  # the fallback: said, not silent
+    assert len(proc.notes) == 1, proc.notes
+    note = proc.notes[0]
+    assert str(model) in note and "no preprocessor_config.json" in note and "size 224" in note and "ImageNet mean" in note
+    assert "image.size, image.mean, image.std" in note
+    from slimtune.data.images import ImageTable
+
+    splits = Splits(ImageTable([], [], "t"), ImageTable([], [], "e"), None, DataReport(), meta={"labels": ["a", "b"]})
+    from slimtune.config import load_config
+
+    featurize(load_config(cfg), proc, splits)
+    assert note in splits.report.warnings  # into the data report (data_report.json, printed by run)
+    # the config's image: keys cover what is missing: nothing is defaulted, nothing to say
+    cfg["image"] = {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert _processor(cfg, ModelSource(str(model), None, None, "folder")).notes == []
+    # the model's own file: nothing to say either
+    intact = tiny_vit(tmp_path / "vit2")
+    p = _processor(image_config(intact, "unused", tmp_path / "r"), ModelSource(intact, None, None, "folder"))
+    assert p.notes == [] and p.spec.size == 32
+
+
+@pytest.mark.parametrize("failure, said", [("absent", "the repository has no preprocessor_config.json"),
+                                           ("offline", "not in the local Hub cache"),
+                                           ("other", None)])
+def test_hub_preprocessor_lookup_failures(tmp_path, monkeypatch, failure, said):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from slimtune.models import ModelError, ModelSource
+
+    def fake_download(repo_id, filename, revision=None, **_):
+        raise {"absent": EntryNotFoundError("404"), "offline": LocalEntryNotFoundError("no cache"),
+               "other": PermissionError("401 gated repository")}[failure]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    src = ModelSource("someone/vit", None, "someone/vit", "hub")
+    cfg = image_config("someone/vit", "unused", tmp_path / "r")
+    if said is None:  # a real error stays an error, naming the model and the cause
+        with pytest.raises(ModelError, match="someone/vit.*PermissionError: 401 gated repository"):
+            _processor(cfg, src)
+        return
+    notes = _processor(cfg, src).notes
+    assert len(notes) == 1 and "'someone/vit'" in notes[0] and said in notes[0] and "size 224" in notes[0], notes
+
+
+def test_factory_without_preprocessing_attributes_is_said(tmp_path):
+    from slimtune.models.factory import factory_source
+
+    f = tmp_path / "fac.py"
+    f.write_text("def build(num_labels, labels):\n    pass\nbuild.image_size = 64\n", encoding="utf-8")
+    cfg = image_config("unused", "unused", tmp_path / "r")
+    cfg["model"] = {"factory": f"{f}:build"}
+    proc = _processor(cfg, factory_source(f"{f}:build"))
+    assert proc.spec.size == 64 and len(proc.notes) == 1
+    assert "sets no image_mean, image_std" in proc.notes[0] and "ImageNet mean, ImageNet std" in proc.notes[0], proc.notes
+
+
+def test_unreadable_preprocessor_config_is_an_error(tmp_path):
+    from slimtune.models import ModelError, ModelSource
+
+    model = Path(tiny_vit(tmp_path / "vit"))
+    (model / "preprocessor_config.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(ModelError, match="preprocessor_config.json: cannot read"):
+        _processor(image_config(str(model), "unused", tmp_path / "r"), ModelSource(str(model), None, None, "folder"))
+
+
 def test_progressive_resizing_schedule_is_a_step_function():
     from slimtune.train.transfer import seq_len_at
 

@@ -17,7 +17,7 @@ import torch
 from ..data.images import check_images, load_image, read_images
 from ..data.readers import DataError
 from ..data.splits import split_indices
-from ..data.transforms import Augment, ImageSpec, save as save_spec, spec_from_processor_config, to_array
+from ..data.transforms import PROCESSOR_FILE, Augment, ImageSpec, save as save_spec, spec_from_processor_config, to_array
 from ..data.validate import DataReport, check_class_sizes, check_unseen_labels, imbalance_warning, require_nonempty
 from .common import Splits, accuracy, macro_f1
 from .text_classification import confusion_matrix  # noqa: F401  (the run report reads it from the task)
@@ -118,6 +118,7 @@ class ImageProcessor:
         self.spec = spec
         self.state: dict = {}
         self.seed = seed
+        self.notes: list[str] = []  # what the model's preprocessing did not say (featurize puts it in the report)
 
     def example_rng(self, epoch: int, index: int) -> random.Random:
         """The augmentation draws of one example in one epoch: a function of (seed, epoch, index) only,
@@ -131,31 +132,60 @@ class ImageProcessor:
 
 def load_processor(cfg, source) -> ImageProcessor:
     """The spec from the model's preprocessor_config.json (a factory: the `image_size`, `image_mean`,
-    `image_std` attributes of the factory function), then the config's `image:` keys on top."""
-    base = {}
-    if source.origin == "factory":
-        from ..models.factory import _import
-
-        fn = _import(source.path)
-        base = {k: getattr(fn, a) for k, a in (("size", "image_size"), ("mean", "image_mean"), ("std", "image_std"))
-                if getattr(fn, a, None) is not None}
-    else:
-        folder = source.path
-        if not Path(folder).is_dir():  # a Hub id: the cached file
-            try:
-                from huggingface_hub import hf_hub_download
-
-                folder = hf_hub_download(folder, "preprocessor_config.json", revision=cfg.model.revision)
-            except Exception:
-                folder = None
-        base = spec_from_processor_config(folder) if folder else {}
+    `image_std` attributes of the factory function), then the config's `image:` keys on top. What neither
+    gives falls back to 224 px and ImageNet normalisation, said in `notes` (the data report), since
+    weights trained at another size or normalisation lose accuracy silently."""
+    base, missing = _model_preprocessing(cfg, source)
     im = cfg.image
     over = {"size": im.size, "mean": tuple(im.mean) if im.mean else None, "std": tuple(im.std) if im.std else None,
             "crop_pct": im.crop_pct, "resample": im.resample}
     base.update({k: v for k, v in over.items() if v is not None})
     base["augment"] = Augment(hflip=im.hflip, random_crop=im.random_crop, rotate=im.rotate, color_jitter=im.color_jitter)
-    base.setdefault("size", 224)
-    return ImageProcessor(ImageSpec(**{k: v for k, v in base.items() if k in ImageSpec.__dataclass_fields__}), cfg.train.seed)
+    spec = ImageSpec(**{k: v for k, v in base.items() if k in ImageSpec.__dataclass_fields__})
+    processor = ImageProcessor(spec, cfg.train.seed)
+    defaulted = [k for k in ("size", "mean", "std") if k not in base]
+    if missing and defaulted:
+        used = {"size": f"size {spec.size}", "mean": "ImageNet mean", "std": "ImageNet std"}
+        processor.notes.append(f"{missing}; using the defaults {', '.join(used[k] for k in defaulted)}: set "
+                               f"{', '.join('image.' + k for k in defaulted)} to what the weights were trained with")
+    return processor
+
+
+def _model_preprocessing(cfg, source) -> tuple[dict, str | None]:
+    """(spec keys the model itself gives, what was missing in words or None). A preprocessor file that is
+    absent (from the folder, the Hub repository, or the offline cache) is missing; any other failure
+    (gated repository, network error, unreadable file) is an error, as loading the model would be."""
+    from ..models.sources import ModelError
+
+    if source.origin == "factory":
+        from ..models.factory import _import
+
+        fn = _import(source.path)
+        attrs = {"size": "image_size", "mean": "image_mean", "std": "image_std"}
+        base = {k: getattr(fn, a) for k, a in attrs.items() if getattr(fn, a, None) is not None}
+        unset = [a for k, a in attrs.items() if k not in base]
+        return base, (f"model.factory {source.path!r} sets no {', '.join(unset)}" if unset else None)
+    folder = Path(source.path)
+    if folder.is_dir():
+        file = folder / PROCESSOR_FILE
+        if not file.is_file():
+            return {}, f"model {cfg.model.name or source.path!r}: no {PROCESSOR_FILE} in {folder}"
+    else:  # a Hub id: the cached (or downloaded) file
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            file = Path(hf_hub_download(source.path, PROCESSOR_FILE, revision=cfg.model.revision))
+        except LocalEntryNotFoundError:  # before EntryNotFoundError: it is one
+            return {}, f"model {source.path!r}: {PROCESSOR_FILE} is not in the local Hub cache and the Hub cannot be reached"
+        except EntryNotFoundError:
+            return {}, f"model {source.path!r}: the repository has no {PROCESSOR_FILE}"
+        except Exception as e:
+            raise ModelError(f"model {source.path!r}: cannot fetch its {PROCESSOR_FILE}: {type(e).__name__}: {e}") from None
+    try:
+        return spec_from_processor_config(file), None
+    except (OSError, ValueError, TypeError) as e:  # not JSON, or JSON of another shape
+        raise ModelError(f"{file}: cannot read the model's preprocessing: {type(e).__name__}: {e}") from None
 
 
 def _frozen_batchnorm(model) -> None:
@@ -209,6 +239,8 @@ def load_model(cfg, source, splits, **load_kwargs):
 # -- features and batches ----------------------------------------------------
 
 def featurize(cfg, processor, splits: Splits):
+    for note in getattr(processor, "notes", ()):
+        splits.report.warn(note)
     label_id = {l: i for i, l in enumerate(splits.meta["labels"])}
     out = {}
     for name, t in splits.present():
