@@ -11,6 +11,38 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Checks that need a piece slimtune does not depend on (a browser, a PostgreSQL server, a dataset, an optional
+# package) skip with a message on a user's machine. CI installs those pieces (.ci/run) and sets SLIMTUNE_CI=1:
+# there such a skip means the piece is missing and the check silently did not run, so it fails instead.
+CI_INSTALLS = ".ci/run installs it"
+
+
+def in_ci() -> bool:
+    return os.environ.get("SLIMTUNE_CI") == "1"
+
+
+def require_or_skip(available: bool, what: str, how: str) -> None:
+    """Skip (a user's bare machine) or fail (CI) when `what` is not available; `how` says how to get it."""
+    if not available:
+        pytest.skip(f"{what} is not available: {how} ({CI_INSTALLS})")
+
+
+def _ci_required(reason: str) -> bool:
+    return CI_INSTALLS in reason or ".ci/run does" in reason
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under SLIMTUNE_CI=1, a skip whose message says .ci/run installs the missing piece is a failure (from
+    require_or_skip, or a test's own pytest.skip with that wording)."""
+    report = (yield).get_result()
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if _ci_required(reason):
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, where the piece it needs is installed: {reason}"
+
 WORDS = ("good great fine nice happy bad awful poor sad terrible the a movie film was is very quite "
          "it this plot acting story and but not really hello there how are you i am user assistant "
          "what time today tomorrow yes no thanks please tell me about cats dogs").split()

