@@ -228,3 +228,26 @@ def test_inspect_cli_fits_80_columns_without_dependency_noise(tiny_bert_wide):
     header = next(l for l in lines if "method" in l and "trainable" in l)
     assert [h.strip() for h in header.replace("┃", "|").split("|") if h.strip()] == \
         ["method", "trainable", "share", "train", "saved", "adapter", "merge"]
+
+
+def test_readme_method_table_quotes_the_latest_measurement():
+    """README's method table = the bench_methods re-run it names (benchmarks/results/bench_methods_s4.json)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert "bench_methods_s4.json" in readme
+    rows = {r["method"]: r for r in json.loads((root / "benchmarks/results/bench_methods_s4.json").read_text())["rows"]}
+    table = readme[readme.index("| method | test acc | trainable | step speed vs LoRA"):]
+    table = table[: table.index("\n\n")]
+    quoted = 0
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names = re.findall(r"`([a-z0-9-]+)`", cells[0])
+        accs = re.findall(r"\d+\.\d(?! over)", cells[1].split("(")[0])
+        assert len(names) == len(accs), line
+        for name, acc in zip(names, accs):
+            assert float(acc) == round(100 * rows[name]["test_accuracy"], 1), (name, acc)
+            quoted += 1
+    assert quoted >= 15
