@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import slimtune
 from slimtune.cli import app
 
-from conftest import chat_rows, cls_config, write_jsonl
+from conftest import chat_rows, cls_config, sentiment_rows, write_csv, write_jsonl
 
 runner = CliRunner()
 
@@ -118,14 +118,38 @@ def test_resume_equivalence(tiny_bert, cls_data, tmp_path):
     assert steps == sorted(set(steps))
 
 
-def test_early_stopping_and_best_checkpoint(tiny_bert, cls_data, tmp_path):
-    cfg = cls_config(tiny_bert, cls_data, tmp_path / "runs", epochs=30, lr=1e-6)
+def test_early_stopping_and_best_checkpoint(tiny_bert, cls_data, tmp_path, monkeypatch):
+    """The adapter of an early-stopped run is its best step's. The eval labels are the opposite of the training
+    labels, so each evaluation after the first is worse while the weights keep moving (lr 1e-2)."""
+    import slimtune.api as api
+
+    flipped = [{"text": r["text"], "label": "neg" if r["label"] == "pos" else "pos"} for r in sentiment_rows(40, 3)]
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "runs", epochs=30)
+    cfg["data"]["eval"] = str(write_csv(tmp_path / "eval.csv", flipped))
     cfg["train"]["early_stopping"] = {"patience": 2, "min_delta": 0.5}  # nothing improves by 0.5
     cfg["eval"] = {"every_steps": 2, "monitor": "loss"}
-    res = slimtune.run(cfg)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # a Ctrl-C while finishing (best weights loaded, adapter not saved): the resume finishes the stopped run
+    monkeypatch.setattr(api, "save_adapter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        slimtune.run(cfg)
+    monkeypatch.undo()
+    res = slimtune.run(None, resume=tmp_path / "runs" / "run")
     assert res.summary["stopped_early"] and "early stopping" in res.summary["stopped_early"]
-    assert res.summary["steps"] == 6  # evals at 2 (best), 4, 6 -> stop
+    assert res.summary["steps"] == 6  # evals at 2 (best), 4, 6 -> stop; not trained on after the resume
     assert res.summary["best_step"] == 2
+    got = slimtune.evaluate(res.run_dir, cfg["data"]["eval"])
+    assert got["loss"] == pytest.approx(res.summary["best"]["loss"], abs=1e-6)
+    assert got["accuracy"] == pytest.approx(res.summary["best"]["accuracy"], abs=1e-6)
+    # and the check can fail: the final weights (checkpoints/last) are not the adapter's
+    from safetensors.torch import load_file
+
+    final = {k.replace(".default", ""): v for k, v in load_file(str(res.run_dir / "checkpoints/last/trainable.safetensors")).items()}
+    adapter = load_file(str(res.run_dir / "adapter/adapter_model.safetensors"))
+    assert any(not torch.equal(v, final[k]) for k, v in adapter.items() if "lora" in k)
 
 
 def test_cli_causal_lm_chat(tiny_llama, tmp_path):

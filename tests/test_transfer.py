@@ -12,7 +12,7 @@ from slimtune.train.groups import Groups, lr_multipliers, split_groups
 from slimtune.train.schedules import lr_factor
 from slimtune.train.transfer import seq_len_at, truncating_collate
 
-from conftest import cls_config
+from conftest import cls_config, sentiment_rows, write_csv
 
 
 def _records(run, kind="train"):
@@ -63,16 +63,32 @@ def test_lr_multiplier_formulas():
     assert m["head"] == 3.0 and m["block.2"] == 0.5
 
 
+# lr multipliers of a 10-step run with 2 warmup steps, by hand: the warmup climbs (s+1)/(w+1) to the peak at
+# step index 2, then linear decay spreads 1 -> 0 over the 8 remaining steps (step index s: 1 - (s-2)/8)
+LINEAR_10_WARMUP_2 = [1 / 3, 2 / 3, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+
+
+def test_schedule_shapes_by_hand():
+    from slimtune.train.schedules import warmup_steps
+
+    assert [lr_factor(s, 10, 2, "linear") for s in range(10)] == pytest.approx(LINEAR_10_WARMUP_2)
+    # cosine over 6 steps, no warmup: 0.5 (1 + cos(pi s / 6))
+    assert [lr_factor(s, 6, 0, "cosine") for s in range(7)] == pytest.approx(
+        [1.0, 0.9330127, 0.75, 0.5, 0.25, 0.0669873, 0.0])
+    assert [lr_factor(s, 4, 1, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert warmup_steps(0.25, 8) == 2 and warmup_steps(3, 2) == 2 and warmup_steps(0.0, 8) == 0
+
+
 def test_group_lrs_in_a_run_follow_the_formula(tiny_bert, cls_data, tmp_path):
-    cfg = cls_config(tiny_bert, cls_data, tmp_path, epochs=2, lr=1e-2, log_every=1, warmup=0, schedule="linear")
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=10, lr=1e-2, log_every=1, warmup=2, schedule="linear")
     cfg["train"].update(layer_decay=0.5, head_lr=2e-2)
     res = slimtune.run(cfg)
-    total = res.summary["total_steps"]
     pg = json.loads((res.run_dir / "param_groups.json").read_text())
     assert pg["groups"] == ["embeddings", "block.0", "block.1", "head"]
     assert pg["trainable_per_group"]["embeddings"] == 0 and pg["trainable_per_group"]["block.0"] > 0
-    for rec in _records(res.run_dir)[::4]:
-        f = lr_factor(rec["step"] - 1, total, 0, "linear")
+    recs = _records(res.run_dir)
+    assert [r["step"] for r in recs] == list(range(1, 11))
+    for rec, f in zip(recs, LINEAR_10_WARMUP_2):  # the record of step k shows the rate its optimizer step used
         assert rec["lr"]["block.1"] == pytest.approx(1e-2 * 0.5 * f)
         assert rec["lr"]["block.0"] == pytest.approx(1e-2 * 0.25 * f)
         assert rec["lr"]["head"] == pytest.approx(2e-2 * f)
@@ -150,9 +166,33 @@ class _Snapshot:
         self.block0[loop.state["step"]] = {n: p.detach().clone() for n, p in params.items() if ".layer.0." in n and "lora" in n}
 
 
+def _flipped_eval(tmp_path) -> str:
+    """Eval data whose labels are the opposite of what training teaches: no later evaluation improves on the first
+    by train.early_stopping.min_delta (0.05 in these tests), so the best step is the first evaluation, early in
+    the run, and the weights move on after it."""
+    rows = [{"text": r["text"], "label": "neg" if r["label"] == "pos" else "pos"} for r in sentiment_rows(40, 3)]
+    return str(write_csv(tmp_path / "eval-flipped.csv", rows))
+
+
+def _adapter_reproduces_best(res, eval_file) -> None:
+    got = slimtune.evaluate(res.run_dir, eval_file)
+    for k, v in res.summary["best"].items():
+        assert got[k] == pytest.approx(v, abs=1e-6), (k, got, res.summary["best"], res.summary["final"])
+    # and the check can fail: the weights moved on after the best step
+    from safetensors.torch import load_file
+
+    final = load_file(str(res.run_dir / "checkpoints/last/trainable.safetensors"))
+    saved = {k.replace(".default", ""): v for k, v in final.items()}
+    adapter = load_file(str(res.run_dir / "adapter/adapter_model.safetensors"))
+    assert any(not torch.equal(adapter[k], saved[k]) for k in adapter if ".layer.0." in k and "lora" in k)
+
+
 def test_gradual_unfreezing_on_schedule(tiny_bert, cls_data, tmp_path):
-    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=9, log_every=1)
+    cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=9, log_every=1, lr=5e-2)  # block.0 moves far in 3 steps
     cfg["train"]["unfreeze"] = {"every_steps": 3, "start": 1}
+    cfg["data"]["eval"] = _flipped_eval(tmp_path)
+    cfg["eval"] = {"every_steps": 5, "monitor": "loss"}
+    cfg["train"]["early_stopping"] = {"min_delta": 0.05}
     snap = _Snapshot()
     res = slimtune.run(cfg, callbacks=[snap])
     # groups: embeddings, block.0, block.1, head. Steps 1-3: the head; after 3 steps block.1 joins, after 6 block.0
@@ -167,6 +207,9 @@ def test_gradual_unfreezing_on_schedule(tiny_bert, cls_data, tmp_path):
     recs = _records(res.run_dir)
     assert recs[0]["trainable_groups"] == ["head"]
     assert recs[-1]["trainable_groups"] == ["block.0", "block.1", "head"]  # embeddings: nothing trainable there
+    # the best step (5) lies before block.0 was unfrozen; the adapter holds block.0 as it was then
+    assert res.summary["best_step"] == 5
+    _adapter_reproduces_best(res, cfg["data"]["eval"])
 
 
 class _Interrupt:
@@ -179,23 +222,34 @@ class _Interrupt:
 
 
 def test_staged_fine_tuning_and_resume_in_stage_two(tiny_bert, cls_data, tmp_path):
+    eval_file = _flipped_eval(tmp_path)
+
     def cfg_for(out):
         cfg = cls_config(tiny_bert, cls_data, out, max_steps=20, log_every=1, warmup=2)
         cfg["train"].update(strategy="staged", staged={"head_fraction": 0.25, "head_lr_mult": 2.0})
-        cfg["eval"] = {"every_steps": 5}
+        cfg["data"]["eval"] = eval_file
+        cfg["eval"] = {"every_steps": 4, "monitor": "loss"}
+        cfg["train"]["early_stopping"] = {"min_delta": 0.05}
         return cfg
 
     full = slimtune.run(cfg_for(tmp_path / "a"))
     recs = _records(full.run_dir)
     assert [r["stage"] for r in recs[:6]] == [1, 1, 1, 1, 1, 2]  # 25% of 20 steps: the head alone
     assert recs[0]["trainable_groups"] == ["head"] and "block.0" in recs[6]["trainable_groups"]
-    # stage 2 restarts its warmup: lr at its first step is below the stage's peak
-    assert recs[5]["lr"]["decay"] < recs[7]["lr"]["decay"]
-    with pytest.raises(KeyboardInterrupt):
+    # by hand: stage 1 (5 steps, 1 warmup step, x2): 2 * [1/2, 1, 3/4, 1/2, 1/4]; stage 2 restarts its warmup
+    # (2 steps: 1/3, 2/3), peaks, then decays linearly over its 13 remaining steps
+    expected = [1.0, 2.0, 1.5, 1.0, 0.5, 1 / 3, 2 / 3, 1.0, 12 / 13, 11 / 13]
+    assert [r["lr"]["decay"] for r in recs[:10]] == pytest.approx([1e-2 * f for f in expected])
+    # the best step (4) lies in stage 1, when only the head trained: the adapter holds the adapters as they were then
+    assert full.summary["best_step"] == 4
+    _adapter_reproduces_best(full, eval_file)
+    with pytest.raises(KeyboardInterrupt):  # before the evaluation of step 12: the resume does it
         slimtune.run(cfg_for(tmp_path / "b"), callbacks=[_Interrupt(12)])
     resumed = slimtune.run(None, resume=tmp_path / "b" / "run")
     assert resumed.best_metrics == pytest.approx(full.best_metrics, abs=1e-6)
     assert resumed.summary["best_step"] == full.summary["best_step"]
+    assert resumed.summary["final"] == pytest.approx(full.summary["final"], abs=1e-6)
+    assert [r["step"] for r in _records(resumed.run_dir, "eval")] == [4, 8, 12, 16, 20]
 
 
 def test_seq_len_schedule_pure_function_and_collate():

@@ -39,6 +39,10 @@ class Method:
     summary: str = ""
     lr_scale: Callable[[str, Any], tuple[str, float] | None] | None = None  # (param name, cfg) -> (group, lr multiplier)
     on_optimizer_step: Callable[[Any, int], None] | None = None  # (unwrapped model, step), before zero_grad
+    # the state that hook keeps beside the parameters, for an exact resume: model -> (tensors, JSON data), and
+    # (model, that pair or None for a checkpoint without it, the step resumed at) -> None
+    save_state: Callable[[Any], tuple[dict, dict]] | None = None
+    load_state: Callable[[Any, tuple[dict, dict] | None, int], None] | None = None
     load_kwargs: Callable[[Any], dict] | None = None  # extra from_pretrained kwargs (quantization)
     check_environment: Callable[[Any], None] | None = None
     before_save: Callable[[Any, Any], dict] | None = None  # -> extra save_pretrained kwargs

@@ -107,6 +107,56 @@ def adalora_step(model, step: int) -> None:
     model.base_model.update_and_allocate(step)
 
 
+ALLOCATOR_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # peft's RankAllocator: per-parameter importance and its EMAs
+ALLOCATOR_FORMAT = "slimtune-adalora-allocator/1"
+
+
+def _allocator(model):
+    inner = model.base_model
+    return inner.rankallocator, inner.peft_config[inner.trainable_adapter_name]
+
+
+def adalora_save_state(model) -> tuple[dict, dict]:
+    """What AdaLoRA's allocation depends on beside the parameters: the rank allocator's importance scores
+    (smoothed over every step so far) and the rank pattern it last chose (applied at every step of the
+    final phase). peft keeps both outside the model's state dict."""
+    alloc, pc = _allocator(model)
+    tensors = {f"{kind}/{n}": t for kind in ALLOCATOR_SCORES for n, t in getattr(alloc, kind).items()}
+    return tensors, {"format": ALLOCATOR_FORMAT, "rank_pattern": pc.rank_pattern}
+
+
+def adalora_load_state(model, saved, step: int) -> None:
+    alloc, pc = _allocator(model)
+    if saved is None:
+        if step == 0:
+            return
+        from ..config import ConfigError
+
+        raise ConfigError(f"this AdaLoRA run's checkpoint (step {step}) was written before slimtune saved AdaLoRA's rank "
+                          "allocator state (importance scores, rank pattern), so it cannot resume exactly; start the run "
+                          "again (slimtune run with its config.yaml)")
+    tensors, data = saved
+    params = dict(model.base_model.model.named_parameters())  # the allocator's names: those of the wrapped model
+    for kind in ALLOCATOR_SCORES:
+        getattr(alloc, kind).clear()
+    for key, t in tensors.items():
+        kind, name = key.split("/", 1)
+        getattr(alloc, kind)[name] = t.to(params[name].device, params[name].dtype)
+    pc.rank_pattern = data.get("rank_pattern")
+
+
+def adalora_before_save(model, _folder) -> dict:
+    """The adapter as the model computes it. peft cuts each update to the ranks of `rank_pattern` (the allocator's
+    last choice), but between two allocations the optimizer moves masked singular values off zero again, so a best
+    step there would lose part of its update in the saved adapter. The pattern of the non-zero singular values
+    drops only ranks that contribute nothing (in the final phase, masked at every step, it is the allocator's)."""
+    inner = model.base_model
+    adapter = getattr(inner, "trainable_adapter_name", "default")
+    inner.peft_config[adapter].rank_pattern = {n: (p.detach() != 0).view(-1).tolist()
+                                               for n, p in inner.model.named_parameters() if f"lora_E.{adapter}" in n}
+    return {}
+
+
 def apply_vera(model, cfg: VeraConfig, ctx):
     from peft import VeraConfig as P, get_peft_model
 
@@ -182,7 +232,8 @@ def apply_ia3(model, cfg: Ia3Config, ctx):
 
 
 METHODS = [
-    Method("adalora", AdaLoraConfig, apply_adalora, on_optimizer_step=adalora_step, default_lr=5e-3, summary="LoRA with adaptive rank budget"),
+    Method("adalora", AdaLoraConfig, apply_adalora, on_optimizer_step=adalora_step,
+           save_state=adalora_save_state, load_state=adalora_load_state, before_save=adalora_before_save, default_lr=5e-3, summary="LoRA with adaptive rank budget"),
     Method("vera", VeraConfig, apply_vera, default_lr=1e-2, summary="shared frozen random matrices + trained vectors"),
     Method("loha", LohaConfig, apply_loha, default_lr=5e-3, summary="Hadamard product of low-rank updates"),
     Method("lokr", LokrConfig, apply_lokr, default_lr=5e-3, summary="Kronecker-product updates"),

@@ -84,5 +84,8 @@ def accumulate(cost: dict, previous: dict | None) -> dict:
             e["carbon_intensity_g_per_kwh"] = e["co2_kg"] / e["energy_kwh"] * 1000.0
         out["energy"] = e
         out["energy_kwh"], out["co2_kg"] = e["energy_kwh"], e["co2_kg"]
+    elif pe.get("energy_kwh") is not None and "energy" not in cost:  # this session measured none (the cost so far
+        out["energy"] = pe                                               # while training): the earlier ones' stands
+        out["energy_kwh"], out["co2_kg"] = pe["energy_kwh"], pe.get("co2_kg")
     out["sessions"] = int(previous.get("sessions", 1)) + 1
     return out

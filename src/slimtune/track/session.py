@@ -72,7 +72,8 @@ class RunTracking:
         self.clock = CostClock(acc.num_processes if acc.device.type == "cuda" else 0)
         self.sinks: list = []
         self.confusion: dict = {}
-        self.ended = False
+        self.base: dict = {}
+        self.final: dict | None = None  # the summary end() wrote
         for on, mod, key in ((self.t.mlflow, "mlflow", "mlflow"), (self.t.tensorboard, "tensorboard", "tensorboard")):
             if on and importlib.util.find_spec(mod) is None:  # before any training, with the install line
                 raise ImportError(MISSING.format(what=mod, key=key))
@@ -82,6 +83,7 @@ class RunTracking:
         """Training starts: returns the base summary with the run's identity (hash, start, process)."""
         base = {**base_summary, "config_hash": self.config_hash, "started_at": self.started_at,
                 "pid": os.getpid(), "host": socket.gethostname()}
+        self.base = base
         if not self.main:
             return base
         if self.t.energy:
@@ -121,6 +123,20 @@ class RunTracking:
             self._index({"status": "running", "step": st["step"], "monitor": self.cfg.monitor,
                          "best": st["best_metrics"], "config_hash": self.config_hash, "started_at": self.started_at,
                          "pid": os.getpid(), "host": socket.gethostname()})
+        if self.main:
+            try:
+                atomic.write_json(self.rd.path / "summary.json", self.progress(loop))
+            except Exception as e:  # measuring must not stop training
+                _warn(f"cost so far not recorded: {type(e).__name__}: {e}")
+
+    def progress(self, loop) -> dict:
+        """summary.json while training (status running) with the cost so far of all sessions, this one included:
+        written when training starts and at each evaluation (after its checkpoint). A session that is killed (kill -9,
+        a lost machine) never reaches end(); the resume reads this cost as the previous sessions', so the killed
+        one counts once, up to its last checkpoint (its energy, which codecarbon gives only when stopped, does not),
+        and a kill before the first checkpoint keeps the earlier sessions' cost."""
+        cost = accumulate({**self._session_cost(loop), "sessions": 1}, self.previous.get("cost"))
+        return {"status": "running", **self.base, "step": loop.state["step"], "cost": cost}
 
     def on_test_end(self, loop) -> None:
         """After the test set was evaluated with the best checkpoint."""
@@ -146,16 +162,17 @@ class RunTracking:
     # -- end -----------------------------------------------------------------------
     def end(self, summary: dict, loop=None) -> dict:
         """Final summary of this session: with `cost`, start / end times; index and trackers updated."""
-        if self.ended:
-            return summary
-        self.ended = True
+        if self.final is not None:  # written already (an interrupt after the end): that summary stands
+            return self.final
         try:
             summary = self._finish(summary, loop)
         except Exception as e:  # measuring must not hide the run's own result or error
             _warn(f"cost not recorded: {type(e).__name__}: {e}")
+        self.final = summary
         return summary
 
-    def _finish(self, summary: dict, loop) -> dict:
+    def _session_cost(self, loop) -> dict:
+        """This session's time and memory; data seen and FLOPs of the whole run (the loop state carries them)."""
         clock = self.clock.read()
         st = loop.state if loop is not None else {}
         cost = {**clock, "train_seconds": st.get("train_seconds"), **peak_memory(),
@@ -166,6 +183,10 @@ class RunTracking:
             n, n_train = matmul_params(self.acc.unwrap_model(loop.model))
             cost.update(flops=training_flops(n, n_train, st.get("tokens") or 0), flops_formula=FLOPS_FORMULA,
                         matmul_params=n, matmul_params_trainable=n_train)
+        return cost
+
+    def _finish(self, summary: dict, loop) -> dict:
+        cost = self._session_cost(loop)
         if self.meter is not None:
             energy = self.meter.stop()
             cost["energy"] = energy

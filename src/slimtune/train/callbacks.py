@@ -2,6 +2,11 @@
 
 Events: on_train_begin(loop), on_optimizer_step(loop) (after the step, before the
 gradients are cleared), on_step_end(loop), on_eval_end(loop, metrics), on_train_end(loop). Stopping is an exception (`StopTraining`), not a flag.
+
+A callback that keeps training state of its own (AdaLoRA's rank allocator) sets `state_key` and has
+`state_dict(loop) -> (tensors, JSON data)` and `load_state_dict(loop, that pair or None)`: checkpoints/last
+holds it as `<state_key>.safetensors` + `<state_key>.json` and a resume gives it back (None: a checkpoint
+written before the callback had state).
 """
 from __future__ import annotations
 

@@ -1,9 +1,17 @@
 """Resumable checkpoints holding only what training changes.
 
-A PEFT run changes only its trainable parameters, so a checkpoint is those
+A PEFT run changes only the parameters its method trains, so a checkpoint is those
 (safetensors), the optimizer state, the loop state and the RNG state: megabytes,
 not a copy of the base model. Each checkpoint folder is written to a temporary
 sibling and renamed into place, so a crash leaves the previous one intact.
+
+The parameters saved are all those the method trains (`trainable_names` before
+training starts), not only those trainable at the step saved: under gradual
+unfreezing or staged training the best step may lie in a stage where most of them
+were frozen, and restoring that step must put back their values of that step too.
+
+Stateful callbacks (AdaLoRA's rank allocator) add their own part: `<key>.safetensors`
+(tensors) and `<key>.json` (plain data), never a pickle.
 """
 from __future__ import annotations
 
@@ -16,8 +24,16 @@ from safetensors.torch import load_file, save_file
 from ..track import atomic
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model, names=None) -> dict[str, torch.Tensor]:
+    """The named parameters (default: those trainable now), detached CPU copies."""
+    if names is None:
+        return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    wanted = set(names)
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if n in wanted}
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
@@ -43,13 +59,19 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(path: Path, model, optimizer=None, loop_state: dict | None = None, rng: dict | None = None) -> None:
+def save(path: Path, model, optimizer=None, loop_state: dict | None = None, rng: dict | None = None,
+         names=None, extra: dict | None = None) -> None:
+    """`names`: the parameters to store (default: those trainable now); `extra`: {key: (tensors, data)}."""
     with atomic.folder(path) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model, names), str(tmp / "trainable.safetensors"))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if rng is not None:
             torch.save(rng, tmp / "rng.pt")
+        for key, (tensors, data) in (extra or {}).items():
+            save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()},
+                      str(tmp / f"{key}.safetensors"))
+            (tmp / f"{key}.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
         (tmp / "state.json").write_text(json.dumps(loop_state or {}, indent=2, default=str), encoding="utf-8")
 
 
@@ -61,3 +83,21 @@ def load(path: Path, model, optimizer=None) -> tuple[dict, dict | None]:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True) if (path / "rng.pt").exists() else None
     return json.loads((path / "state.json").read_text(encoding="utf-8")), rng
+
+
+def load_extra(path: Path, key: str) -> tuple[dict, dict] | None:
+    """A stateful callback's part of the checkpoint, or None (a checkpoint written before it had one)."""
+    path = Path(path)
+    if not (path / f"{key}.json").is_file():
+        return None
+    tensors = load_file(str(path / f"{key}.safetensors")) if (path / f"{key}.safetensors").is_file() else {}
+    return tensors, json.loads((path / f"{key}.json").read_text(encoding="utf-8"))
+
+
+def resumable(path: Path) -> bool:
+    """Whether there is a checkpoint to resume from at `path` (checkpoints/last): complete in place, or only as
+    the previous version a kill between the two renames of its replacement left (atomic.recover puts it back)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return True
+    return not path.exists() and any((p / "state.json").is_file() for p in path.parent.glob(f".{path.name}.old-*"))

@@ -7,12 +7,17 @@ in `self.state` (plain JSON) plus the checkpointed weights, optimizer and RNG.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 
 import torch
 
+from ..track import atomic
 from . import checkpoint
 from .callbacks import StopTraining, fire
 from .schedules import lr_factor
@@ -59,6 +64,10 @@ class Loop:
             "evals_since_best": 0, "last_eval_step": -1, "samples": 0, "tokens": 0, "train_seconds": 0.0,
             "stopped": None, "best_metrics": None,
         }
+        # what checkpoints hold: every parameter the method trains, frozen for now or not (transfer callbacks
+        # freeze some of them from on_train_begin on, after this)
+        self.saved_params = checkpoint.trainable_names(accelerator.unwrap_model(model))
+        self._pending = [0, 0]  # samples, tokens of the optimizer steps since the last fold into the state
         self._rng = checkpoint.rng_state()
         self.last_metrics: dict = {}
         self.stop_status = "completed"  # or the status of the StopTraining that ended fit()
@@ -71,11 +80,14 @@ class Loop:
         accum = self.cfg.train.grad_accum
         window = defaultdict(float)
         try:
-            while st["step"] < self.total_steps:
+            if self._eval_due() and 0 < st["step"] < self.total_steps:
+                self.evaluate_and_checkpoint()  # an interrupt cut this step's evaluation short: it is done now
+            while st["step"] < self.total_steps and not st["stopped"]:
                 self.sampler.set_epoch(st["epoch"], start=st["micro_in_epoch"])
                 n_micro = self.sampler.per_rank()
                 micro = st["micro_in_epoch"]
                 t0 = time.perf_counter()
+                group = [0, 0]  # samples, tokens of this accumulation group: counted once its optimizer step is taken
                 for batch in self.train_loader:
                     micro += 1
                     group_start = ((micro - 1) // accum) * accum
@@ -90,21 +102,22 @@ class Loop:
                     # tensors, not Python numbers: no host sync per micro-batch (it stalls a GPU)
                     samples, tokens = self.task.count(batch)
                     window["loss"] = window["loss"] + loss.detach().float() / in_group
-                    window["samples"] += samples
-                    window["tokens"] = window["tokens"] + tokens
+                    group[0], group[1] = group[0] + samples, group[1] + tokens
                     if not sync:
                         continue
                     self._optimizer_step()
                     st["step"] += 1
                     st["micro_in_epoch"] = micro
                     st["train_seconds"] += time.perf_counter() - t0
+                    self._pending[0], self._pending[1] = self._pending[0] + group[0], self._pending[1] + group[1]
+                    group = [0, 0]
                     window["steps"] += 1
                     self._rng = checkpoint.rng_state()
                     if st["step"] % self.cfg.train.log_every == 0 or st["step"] == self.total_steps:
                         self._log_train(window)
                         window = defaultdict(float)
                     fire(self.callbacks, "on_step_end", self)
-                    if st["step"] % self.eval_every == 0 or st["step"] == self.total_steps:
+                    if self._eval_due():
                         self.evaluate_and_checkpoint()
                     if st["step"] >= self.total_steps:
                         break
@@ -113,15 +126,39 @@ class Loop:
                     st["epoch"] += 1
                     st["micro_in_epoch"] = 0
         except StopTraining as stop:
-            st["stopped"] = stop.reason
+            st["stopped"], st["stop_status"], st["stopped_of"] = stop.reason, stop.status, self.total_steps
             self.stop_status = stop.status
+            self._record_stop()
             self.acc.print(stop.reason)
-        if window["steps"]:  # steps since the last log (early stop, pruning): count their samples and tokens too
+        if window["steps"]:  # steps since the last log (early stop, pruning): their loss too
             self._log_train(window)
+        self._fold_counts()
         if st["last_eval_step"] != st["step"]:
             self.evaluate_and_checkpoint()
         fire(self.callbacks, "on_train_end", self)
         return st
+
+    def _eval_due(self) -> bool:
+        st = self.state
+        return st["last_eval_step"] != st["step"] and (st["step"] % self.eval_every == 0 or st["step"] == self.total_steps)
+
+    def _fold_counts(self) -> None:
+        """The samples / tokens of the optimizer steps taken since the last fold go into the state: the one
+        host sync for them, at each log and before each checkpoint (a resumed run counts what it saved)."""
+        n_proc = self.acc.num_processes
+        self.state["samples"] += int(self._pending[0]) * n_proc
+        self.state["tokens"] += int(self._pending[1]) * n_proc
+        self._pending = [0, 0]
+
+    def _record_stop(self) -> None:
+        """Training ended early at this step: the last checkpoint, when it is of this step, says so, so that a
+        resume after an interrupt in the finish phase (best reload, adapter, test) finishes instead of training on."""
+        path = self.run.path / "checkpoints" / "last" / "state.json"
+        if not self.acc.is_main_process or not path.is_file():
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("step") == self.state["step"] and saved.get("last_eval_step") == self.state["step"]:
+            atomic.write_json(path, {**saved, **{k: self.state[k] for k in ("stopped", "stop_status", "stopped_of")}})
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg.train
@@ -140,8 +177,7 @@ class Loop:
         n_proc = self.acc.num_processes
         loss = torch.as_tensor(window["loss"] / max(1.0, window["steps"]), dtype=torch.float32).to(self.acc.device)
         loss = float(self.acc.reduce(loss, "mean")) if n_proc > 1 else float(loss)
-        st["samples"] += int(window["samples"]) * n_proc
-        st["tokens"] += int(window["tokens"]) * n_proc  # the one host sync of the window
+        self._fold_counts()
         secs = max(st["train_seconds"], 1e-9)
         rec = {
             "type": "train", "step": st["step"], "epoch": round(st["step"] / self.steps_per_epoch, 4), "loss": loss,
@@ -179,44 +215,84 @@ class Loop:
 
     def evaluate_and_checkpoint(self) -> dict:
         st = self.state
+        self._fold_counts()
         metrics = self.evaluate()
-        st["last_eval_step"] = st["step"]
         value = metrics[self.monitor]
         improved = self._improved(value)
+        # the state after this evaluation; the loop takes it only once the checkpoints are on disk, so an
+        # interrupt during a save never leaves a best step named whose weights were not written (the saved
+        # state says this evaluation is still to do, and a resume does it)
+        new = {**st, "last_eval_step": st["step"], "last_metrics": metrics}
         if improved:
-            st["best_value"], st["best_step"], st["evals_since_best"] = value, st["step"], 0
-            st["best_metrics"] = metrics
+            new.update(best_value=value, best_step=st["step"], evals_since_best=0, best_metrics=metrics)
         else:
-            st["evals_since_best"] += 1
+            new["evals_since_best"] += 1
+        unwrapped = self.acc.unwrap_model(self.model)
+        if self.acc.is_main_process:
+            if improved:
+                checkpoint.save(self.run.path / "checkpoints" / "best", unwrapped, loop_state=dict(new),
+                                names=self.saved_params)
+            if self.cfg.output.save_checkpoints:
+                checkpoint.save(self.run.path / "checkpoints" / "last", unwrapped, self.optimizer, dict(new), self._rng,
+                                names=self.saved_params, extra=self._extra_state())
+        self.acc.wait_for_everyone()
+        st.update(new)
         self.last_metrics = metrics
         rec = {"type": "eval", "step": st["step"], "epoch": round(st["step"] / self.steps_per_epoch, 4),
                **{f"eval_{k}": v for k, v in metrics.items()}, "best": improved}
         self.run.log(rec)
         self.acc.print(f"step {st['step']}/{self.total_steps}  " + "  ".join(f"eval_{k}={v:.4f}" for k, v in metrics.items())
                        + ("  (best)" if improved else ""))
-        unwrapped = self.acc.unwrap_model(self.model)
-        if self.acc.is_main_process:
-            if improved:
-                checkpoint.save(self.run.path / "checkpoints" / "best", unwrapped, loop_state=dict(st))
-            if self.cfg.output.save_checkpoints:
-                checkpoint.save(self.run.path / "checkpoints" / "last", unwrapped, self.optimizer, dict(st), self._rng)
-        self.acc.wait_for_everyone()
         fire(self.callbacks, "on_eval_end", self, metrics)
         return metrics
 
+    def _stateful(self) -> list:
+        return [cb for cb in self.callbacks if getattr(cb, "state_key", None)]
+
+    def _extra_state(self) -> dict:
+        """{key: (tensors, data)} of the callbacks that hold training state of their own (AdaLoRA's allocator)."""
+        return {cb.state_key: cb.state_dict(self) for cb in self._stateful()}
+
     def save_interrupt_checkpoint(self) -> None:
         """Ctrl-C: keep the state as of the last completed optimizer step."""
+        self._fold_counts()
         if self.acc.is_main_process:
             checkpoint.save(self.run.path / "checkpoints" / "last", self.acc.unwrap_model(self.model), self.optimizer,
-                            dict(self.state), self._rng)
+                            dict(self.state), self._rng, names=self.saved_params, extra=self._extra_state())
 
     def restore(self, path) -> None:
         loop_state, rng = checkpoint.load(path, self.acc.unwrap_model(self.model), self.optimizer)
         self.state.update(loop_state)
-        self.state["stopped"] = None
+        # a run that stopped early and was interrupted while finishing stays stopped (see _record_stop), unless
+        # the resume extends it (another total: it trains on)
+        stays = loop_state.get("stop_status") and loop_state.get("stopped_of") == self.total_steps
+        self.state["stopped"] = loop_state.get("stopped") if stays else None
+        self.stop_status = loop_state["stop_status"] if stays else "completed"
+        self.last_metrics = loop_state.get("last_metrics") or {}
+        for cb in self._stateful():
+            cb.load_state_dict(self, checkpoint.load_extra(path, cb.state_key))
         if rng is not None:
             checkpoint.set_rng_state(rng)
             self._rng = rng
+
+
+@contextlib.contextmanager
+def interrupts_deferred(note: str = "still saving the checkpoint and the summary; one moment"):
+    """A second Ctrl-C while the block runs (saving after the first one) prints `note` instead of cutting the
+    save short; the previous SIGINT handler is back afterwards. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def say(signum, frame):
+        print(f"\n{note}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, say)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 @torch.inference_mode()
