@@ -83,9 +83,6 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_reloads(tiny_llama, tmp_pat
 
 
 @needs_qlora
-@pytest.mark.xfail(strict=True, reason="slimtune.load_run builds the base without the method's load_kwargs "
-                   "(api.load_run vs api._model_for_task), so a QLoRA adapter is reloaded on a full-precision base "
-                   "whose outputs differ from the 4-bit model it was trained on")
 def test_qlora_run_reloads_on_its_4bit_base(tiny_llama, tmp_path):
     res, seen = _train(tiny_llama, tmp_path)
     loaded = slimtune.load_run(res.run_dir)

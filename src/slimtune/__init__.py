@@ -6,7 +6,13 @@
 """
 from __future__ import annotations
 
+import warnings
+
 __version__ = "0.1.0"
+
+# peft's PeftModel probes `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning on
+# every adapter wrap: a dependency's noise the user can do nothing about (peft/peft_model.py)
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __all__ = ["run", "evaluate", "predict", "merge", "sweep", "lr_find", "load_config", "load_run", "ConfigError", "RunResult"]
 

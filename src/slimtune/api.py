@@ -5,6 +5,7 @@ config -> data checks -> tokenizer -> features -> model + method -> loop -> run 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -20,12 +21,12 @@ from .data.batching import LengthGroupedBatches, eval_batches
 from .methods import MethodContext, apply_method, get_method, load_adapter, save_adapter
 from .models import load_tokenizer, resolve
 from .tasks import get_task
-from .track import atomic
+from .track import atomic, guard
 from .track.rundir import RunDir, git_hash, hardware, new_run_dir, versions
 from .track.session import RunTracking
 from .train import checkpoint
 from .train.callbacks import EarlyStopping
-from .train.loop import Loop
+from .train.loop import Loop, interrupts_deferred
 from .train.optim import build_optimizer
 from .train.groups import lr_multipliers, split_groups
 from .train.progress import TrainProgress
@@ -61,6 +62,11 @@ def resolve_precision(precision: str) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "bf16" if cpu_bf16 else "no"
+
+
+def _precision_name(mixed_precision: str) -> str:
+    """accelerate's 'no' (no mixed precision) as a user reads it."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
 
 
 def peak_memory_mb() -> dict:
@@ -110,13 +116,22 @@ def _model_for_task(cfg, task, source, splits, tokenizer, total_steps=None, samp
 
 
 class _MethodStep:
-    """A method's per-step hook (AdaLoRA's rank allocation) as a loop callback."""
+    """A method's per-step hook (AdaLoRA's rank allocation) as a loop callback; the state the hook keeps
+    (the method's `save_state` / `load_state`) goes into checkpoints/last as the loop's `method` part."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, method):
+        self.method = method
+        if method.save_state:
+            self.state_key = "method"
 
     def on_optimizer_step(self, loop):
-        self.fn(loop.acc.unwrap_model(loop.model), loop.state["step"])
+        self.method.on_optimizer_step(loop.acc.unwrap_model(loop.model), loop.state["step"])
+
+    def state_dict(self, loop) -> tuple[dict, dict]:
+        return self.method.save_state(loop.acc.unwrap_model(loop.model))
+
+    def load_state_dict(self, loop, saved) -> None:
+        self.method.load_state(loop.acc.unwrap_model(loop.model), saved, loop.state["step"])
 
 
 HEAD_LR_MULT, HEAD_LR_MAX = 10.0, 2e-2
@@ -248,23 +263,61 @@ def _legacy_defaults(saved: Path, cfg) -> bool:
     return True
 
 
+def _read_meta(run_dir: Path) -> dict:
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _record_extension(rd: RunDir, changed: dict, total_steps: int) -> None:
+    """A resume that extends training: refused if it leaves nothing to train; else config.yaml takes the new length
+    (the next resume continues from it) and resumes.jsonl says at which step the schedule changed."""
+    if not changed:
+        return
+    step = int(json.loads((rd.path / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))["step"])
+    guard.check_extension(rd.path, changed, step, total_steps)
+    cfg_text = (rd.path / "config.yaml").read_text(encoding="utf-8")
+    import yaml
+
+    data = yaml.safe_load(cfg_text) or {}
+    for key, (_, new) in changed.items():
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = new
+    rd.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
+    if rd.main:
+        with open(rd.path / "resumes.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"at_step": step, "total_steps": total_steps, "changed": changed,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
 def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None,
-        callbacks: list | None = None) -> RunResult:
+        callbacks: list | None = None, trust_run_code: bool = False) -> RunResult:
     """Fine-tune as the config says; returns the metrics and the run folder.
 
-    `resume`: a run folder; training continues from its last checkpoint with its saved config.
+    `resume`: a run folder; training continues from its last checkpoint with its saved config. Overrides
+    may only extend training (train.epochs / train.max_steps; track/guard.py says why).
     `callbacks`: extra objects with on_train_begin / on_step_end / on_eval_end / on_train_end.
+    `trust_run_code`: resume a run folder whose model runs code (trust_remote_code, a factory).
     """
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however run() ends
+        return _run(config, overrides, resume, callbacks, trust_run_code, held)
+
+
+def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: contextlib.ExitStack) -> RunResult:
     from accelerate.utils import broadcast_object_list, set_seed
 
     wall0 = time.perf_counter()
+    changed: dict = {}
     if resume is not None:
         resume = Path(resume)
         if not (resume / "config.yaml").is_file():
             raise FileNotFoundError(f"{resume}: not a run folder (no config.yaml)")
-        if not (resume / "checkpoints" / "last" / "state.json").is_file():
+        if not checkpoint.resumable(resume / "checkpoints" / "last"):
             raise FileNotFoundError(f"{resume}: no checkpoint to resume from (checkpoints/last is missing)")
-        cfg = load_config(resume / "config.yaml", overrides)
+        cfg, changed = guard.resume_config(resume, overrides)
+        guard.check_run_code(resume, cfg, _read_meta(resume), trust_run_code)
         legacy = _legacy_defaults(resume / "config.yaml", cfg)
     else:
         cfg = load_config(config, overrides)
@@ -274,6 +327,8 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     if env_check:
         env_check(cfg.method)
     acc = _accelerator(resolve_precision(cfg.train.precision))
+    if resume is not None and acc.is_main_process:  # before anything in the folder is written
+        held.enter_context(guard.RunLock(resume))
     set_seed(cfg.train.seed)
 
     # data first: every data error shows before a model is loaded
@@ -290,9 +345,12 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         if acc.num_processes > 1:
             broadcast_object_list(holder)
         run_path = Path(holder[0])
+        if acc.is_main_process:
+            held.enter_context(guard.RunLock(run_path))
+    unstarted = held.enter_context(_Unstarted(run_path if resume is None and acc.is_main_process else None))
     rd = RunDir(run_path, main=acc.is_main_process)
     if acc.is_main_process:
-        atomic.clean_leftovers(run_path)
+        atomic.clean_leftovers(run_path)  # and puts back a checkpoint a kill left half-renamed
     meta = {**splits.meta, "task": cfg.task, "model_source": source.__dict__, "data_sources": splits.sources}
     if resume is None:
         rd.write_text("config.yaml", dump_config(cfg))
@@ -319,6 +377,8 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     loader = torch.utils.data.DataLoader(train_ex, batch_sampler=sampler, collate_fn=train_collate, generator=torch.Generator())
     steps_per_epoch = math.ceil(sampler.per_rank() / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    if resume is not None:
+        _record_extension(rd, changed, total_steps)
     eval_every = cfg.eval.every_steps or max(1, round(cfg.eval.every_epochs * steps_per_epoch))
     eval_bs = cfg.eval.batch_size or 2 * cfg.train.batch_size
     ev = features["eval"]
@@ -334,7 +394,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         use_fast_dropout(model)
     trainable, total = count_params(model)
     acc.print(f"run folder: {run_path}\nmodel: {cfg.model.name} ({source.origin})  method: {cfg.method.name}  "
-              f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {acc.mixed_precision}")
+              f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {_precision_name(acc.mixed_precision)}")
     method = get_method(cfg.method.name)
     groups = split_groups(model)
     lr_scale, mults = _lr_scale(cfg, method, groups, None if legacy else getattr(model, "_slimtune_new_head", None))
@@ -350,7 +410,7 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
     cbs = list(callbacks or [])
     cbs.insert(0, tracking)
     if method.on_optimizer_step:
-        cbs.append(_MethodStep(method.on_optimizer_step))
+        cbs.append(_MethodStep(method))
     cbs += transfer_cbs
     if cfg.train.early_stopping.patience:
         cbs.append(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
@@ -380,13 +440,19 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         "total_steps": total_steps, "versions": versions(), "git": git_hash(), "hardware": hardware(),
     }
     base_summary = tracking.begin(base_summary)
-    rd.write_json("summary.json", {"status": "running", **base_summary})
+    rd.write_json("summary.json", tracking.progress(loop))  # with the earlier sessions' cost, should this one be killed
+    unstarted.path = None  # training starts: from here on the folder holds a run, whatever happens
+    trained = False
     try:
         with progress:
-            state = loop.fit()
+            loop.fit()
+        trained = True
+        return _finish(cfg, acc, loop, rd, tracking, features, source, tokenizer, base_summary, eval_bs, wall0)
     except KeyboardInterrupt:
-        loop.save_interrupt_checkpoint()
-        rd.write_json("summary.json", tracking.end({"status": "interrupted", "step": loop.state["step"], **base_summary}, loop))
+        with interrupts_deferred():  # a second Ctrl-C must not cut the checkpoint or the summary short
+            if not trained:  # after fit() the weights may be the best step's; checkpoints/last holds the final ones
+                loop.save_interrupt_checkpoint()
+            rd.write_json("summary.json", tracking.end({"status": "interrupted", "step": loop.state["step"], **base_summary}, loop))
         acc.print(f"\ninterrupted at step {loop.state['step']}; checkpoint saved. Resume with:\n"
                   f"  slimtune run --resume {run_path}")
         raise
@@ -394,8 +460,29 @@ def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = Non
         rd.write_json("summary.json", tracking.end({"status": "failed", "step": loop.state["step"], **base_summary}, loop))
         raise
 
-    # the run's result is the best evaluation: load it, save the adapter, test it
-    unwrapped = acc.unwrap_model(model)
+
+class _Unstarted:
+    """A new run folder that fails before training starts (a corrupt model, a full disk) is removed: it would hold
+    no result and no summary, and `runs list` would never show it. `path = None` once training starts."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.path is not None:
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+def _finish(cfg, acc, loop, rd, tracking, features, source, tokenizer, base_summary, eval_bs, wall0) -> RunResult:
+    """The run's result is the best evaluation: load it, save the adapter, test it, write the summary."""
+    state, run_path = loop.state, rd.path
+    unwrapped = acc.unwrap_model(loop.model)
     best_path = run_path / "checkpoints" / "best"
     acc.wait_for_everyone()
     if (best_path / "trainable.safetensors").exists():
@@ -441,8 +528,11 @@ class LoadedRun:
     task: object
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
-    """The base model with the run's adapter, its tokenizer and task facts."""
+def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: bool = False) -> LoadedRun:
+    """The base model with the run's adapter, its tokenizer and task facts.
+
+    `trust_run_code`: load a run folder whose model runs code (model.trust_remote_code, a factory); refused
+    otherwise, since a copied run folder is code (track/guard.py)."""
     from .tasks.common import Splits
 
     run_dir = Path(run_dir)
@@ -452,6 +542,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
                                 f"interrupted can be finished with `slimtune run --resume {run_dir}`)")
     cfg = load_config(run_dir / "config.yaml")
     meta = RunDir(run_dir).read_json("meta.json")
+    guard.check_run_code(run_dir, cfg, meta, trust_run_code)
     task = get_task(cfg.task)
     from .models import ModelSource
 
@@ -459,7 +550,8 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     source = ModelSource(**saved) if saved.get("origin") == "factory" else _resolve_model(cfg)
     tokenizer = _load_processor(task, cfg, ModelSource(str(adapter), None, None, "folder"))
     splits = Splits(None, None, None, None, meta=meta)
-    base, _ = task.load_model(cfg, source, splits)
+    method = get_method(cfg.method.name)  # the base as it was trained (QLoRA: 4-bit), not a full-precision copy
+    base, _ = task.load_model(cfg, source, splits, **(method.load_kwargs(cfg.method) if method.load_kwargs else {}))
     if hasattr(base, "config") and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
     model = load_adapter(base, adapter)
@@ -468,14 +560,14 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     return LoadedRun(cfg, meta, model, tokenizer, task)
 
 
-def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None) -> dict:
+def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trust_run_code: bool = False) -> dict:
     """Metrics of a finished run's adapter on another data file (same columns as training)."""
     from .data.readers import read_source
     from .data.validate import DataReport
     from .tasks.common import Splits
     from .train.loop import eval_parts
 
-    lr = load_run(run_dir)
+    lr = load_run(run_dir, trust_run_code=trust_run_code)
     cfg, task = lr.cfg, lr.task
     ds = task.read_eval(cfg, data) if hasattr(task, "read_eval") else read_source(data)
     splits = Splits(None, None, ds, DataReport(), meta=lr.meta, sources={"test": data})
@@ -496,21 +588,21 @@ def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None) -> d
     return {"data": data, "examples": len(examples), **metrics}
 
 
-def predict(run_dir: str | Path, inputs: list[str], **kwargs) -> list[dict]:
+def predict(run_dir: str | Path, inputs: list[str], trust_run_code: bool = False, **kwargs) -> list[dict]:
     """Labels and probabilities (classification) or generated text (causal-lm) for the inputs."""
-    lr = load_run(run_dir)
+    lr = load_run(run_dir, trust_run_code=trust_run_code)
     kwargs.setdefault("max_length", lr.cfg.model.max_length)
     return lr.task.predict(lr.model, lr.tokenizer, list(inputs), lr.meta, **kwargs)
 
 
-def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
+def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False) -> Path:
     """Write the base model with the run's adapter folded into its weights (a plain transformers model)."""
     from .methods import merge as merge_adapter
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
-    lr = load_run(run_dir, device="cpu")
+    lr = load_run(run_dir, device="cpu", trust_run_code=trust_run_code)
     merged = merge_adapter(lr.model, Path(run_dir) / "adapter")
     with atomic.folder(out_dir) as tmp:
         if hasattr(merged, "save_pretrained"):

@@ -19,8 +19,14 @@ def _user_errors():
     from .config import ConfigError
     from .data.readers import DataError
     from .models.sources import ModelError
+    from .track.diskspace import NoSpaceError
 
-    return (ConfigError, DataError, ModelError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, FileNotFoundError, NoSpaceError)
+
+
+def _trust_option():
+    return typer.Option(False, "--trust-run-code", help="load a run folder whose model runs code (its config sets "
+                        "model.trust_remote_code, or the model comes from a factory); a copied run folder is code")
 
 
 def _fail(e: Exception) -> None:
@@ -32,7 +38,9 @@ def _fail(e: Exception) -> None:
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML config (see examples/)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides: train.lr=3e-4 method.r=16"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run from its folder"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run from its folder; "
+                                          "overrides may only extend it (train.epochs=N, train.max_steps=N)"),
+    trust_run_code: bool = _trust_option(),
 ):
     """Fine-tune: data checks, training, evaluation; writes a run folder."""
     from . import api
@@ -42,7 +50,7 @@ def run(
     if resume is not None and config is not None and "=" in str(config):
         overrides = [str(config), *(overrides or [])]
     try:
-        result = api.run(config, overrides=overrides, resume=resume)
+        result = api.run(config, overrides=overrides, resume=resume, trust_run_code=trust_run_code)
     except _user_errors() as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -52,12 +60,13 @@ def run(
 
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder"),
-          data: str = typer.Option(..., "--data", help="data file with the training columns")):
+          data: str = typer.Option(..., "--data", help="data file with the training columns"),
+          trust_run_code: bool = _trust_option()):
     """Metrics of a run's adapter on another data file."""
     from . import api
 
     try:
-        metrics = api.evaluate(run_dir, data)
+        metrics = api.evaluate(run_dir, data, trust_run_code=trust_run_code)
     except _user_errors() as e:
         _fail(e)
     out.print_json(json.dumps(metrics))
@@ -69,7 +78,8 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
             file: Optional[Path] = typer.Option(None, "--file", help="a text file, one input per line"),
             image: Optional[List[Path]] = typer.Option(None, "--image", help="image-classification: an image file (repeatable)"),
             max_new_tokens: int = typer.Option(64, help="causal-lm: tokens to generate"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON lines")):
+            as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
+            trust_run_code: bool = _trust_option()):
     """Labels + probabilities (classification) or generated text (causal-lm)."""
     from . import api
     from .data.readers import read_lines
@@ -84,7 +94,7 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     if not inputs:
         _fail(ValueError("give --text TEXT (repeatable), --file FILE or --image PATH"))
     try:
-        results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens)
+        results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens, trust_run_code=trust_run_code)
     except _user_errors() as e:
         _fail(e)
     if as_json:
@@ -105,13 +115,14 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 
 @app.command()
 def merge(run_dir: Path = typer.Argument(..., help="a finished run folder"),
-          out_dir: Path = typer.Argument(..., help="new folder for the merged model")):
+          out_dir: Path = typer.Argument(..., help="new folder for the merged model"),
+          trust_run_code: bool = _trust_option()):
     """Fold the adapter into the base weights and save a plain transformers model."""
     from . import api
     from .methods import MethodError
 
     try:
-        path = api.merge(run_dir, out_dir)
+        path = api.merge(run_dir, out_dir, trust_run_code=trust_run_code)
     except (*_user_errors(), MethodError, FileExistsError) as e:
         _fail(e)
     out.print(f"merged model written to {path}")
@@ -174,7 +185,16 @@ app.command("report")(report_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv, prog_name="slimtune")
+    try:
+        app(args=argv, prog_name="slimtune")
+    except (OSError, RuntimeError) as e:  # a full disk, from whichever library was writing: said as such
+        from .track.diskspace import no_space
+
+        full = no_space(e, getattr(e, "filename", None) or Path.cwd())
+        if full is None:
+            raise
+        err.print(f"[bold red]error:[/] {full}", markup=True, highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,12 @@ class RunTracking:
         if resumed and (rd.path / "summary.json").is_file():
             try:
                 self.previous = rd.read_json("summary.json")
-            except ValueError:
+            except ValueError as e:  # said, not silent: the earlier sessions' cost is lost from the totals
+                _warn(f"{rd.path / 'summary.json'} is damaged ({e}); this run's cost will count from this session "
+                      "on, without the earlier sessions' time and energy")
+                self.previous = {}
+            if not isinstance(self.previous, dict):
+                _warn(f"{rd.path / 'summary.json'} holds no summary object; the earlier sessions' cost is not counted")
                 self.previous = {}
         self.started_at = self.previous.get("started_at") or _now()
         self.meter: EnergyMeter | None = None

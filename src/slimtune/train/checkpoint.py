@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..track import atomic
+from ..track import atomic, diskspace
 
 
 def trainable_names(model) -> list[str]:
@@ -61,7 +61,27 @@ def set_rng_state(st: dict) -> None:
 
 def save(path: Path, model, optimizer=None, loop_state: dict | None = None, rng: dict | None = None,
          names=None, extra: dict | None = None) -> None:
-    """`names`: the parameters to store (default: those trainable now); `extra`: {key: (tensors, data)}."""
+    """`names`: the parameters to store (default: those trainable now); `extra`: {key: (tensors, data)}.
+    A full disk raises NoSpaceError naming the folder and about what the checkpoint needs (torch.save says
+    only 'enforce fail at inline_container.cc'); the previous checkpoint stays in place."""
+    try:
+        _save(path, model, optimizer, loop_state, rng, names, extra)
+    except (OSError, RuntimeError) as e:
+        full = diskspace.no_space(e, path, _size(model, names, optimizer))
+        if full is None:
+            raise
+        raise full from e
+
+
+def _size(model, names, optimizer) -> int:
+    """Bytes a checkpoint of these parameters takes, roughly: the weights, and AdamW's two moments each."""
+    params = dict(model.named_parameters())
+    wanted = names if names is not None else [n for n, p in params.items() if p.requires_grad]
+    weights = sum(params[n].numel() * params[n].element_size() for n in wanted if n in params)
+    return weights * (3 if optimizer is not None else 1)
+
+
+def _save(path, model, optimizer, loop_state, rng, names, extra) -> None:
     with atomic.folder(path) as tmp:
         save_file(trainable_state(model, names), str(tmp / "trainable.safetensors"))
         if optimizer is not None:
