@@ -72,6 +72,9 @@ def test_resume_extends_training_and_records_it(done_run):
     steps = [json.loads(line)["step"] for line in (done_run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]
     assert max(steps) == 18
+    tests = [json.loads(line) for line in (done_run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "test"]
+    assert [t["step"] for t in tests] == [18]  # the first finish's test record gave way to the new one
 
 
 def test_resume_extension_must_leave_steps(done_run):

@@ -92,8 +92,10 @@ def _accelerator(mixed_precision: str):
 
 
 def _print_report(acc, report) -> None:
-    for w in report.warnings:
-        acc.print(f"[data warning] {w}")
+    """Data warnings go to stderr, with the other warnings; stdout keeps what a script reads."""
+    if acc.is_main_process:
+        for w in report.warnings:
+            print(f"[data warning] {w}", file=sys.stderr)
 
 
 def _model_for_task(cfg, task, source, splits, tokenizer, total_steps=None, sample_batches=None):

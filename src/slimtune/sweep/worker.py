@@ -411,8 +411,10 @@ def run_worker(plan: dict, index: int = 0, log=print) -> dict:
             raise objective.fatal
         fails = fails + 1 if t.state.name == "FAIL" else 0
         if fails >= MAX_FAILS_IN_ROW:
+            where = t.user_attrs.get("run_dir")  # a trial that failed before training leaves no folder
+            where = f"run folder {where}" if where and Path(where).is_dir() else "it left no run folder"
             raise SweepError(f"{fails} trials in a row failed; the last one (trial {t.number}): "
-                             f"{t.user_attrs.get('error', 'see its run folder')} ({t.user_attrs.get('run_dir')})")
+                             f"{t.user_attrs.get('error') or 'no error was recorded'} ({where})")
     return {"trials": ran}
 
 

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
+from .runinfo import flat
 
 # the keys a resume may change: the length of training (its lr schedule is re-spread from the resume step on)
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps")
@@ -80,17 +81,6 @@ class RunLock:
         self.release()
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def resume_config(run_dir: Path, overrides: list[str] | None) -> tuple[RunConfig, dict]:
     """(the config to resume with, {key: [saved, new]} of what the overrides change).
 
@@ -98,7 +88,7 @@ def resume_config(run_dir: Path, overrides: list[str] | None) -> tuple[RunConfig
     completed run that does not extend it."""
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", overrides) if overrides else saved
-    before, after = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    before, after = flat(saved.model_dump(mode="json")), flat(cfg.model_dump(mode="json"))
     changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
     refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if refused:

@@ -77,7 +77,8 @@ class RunDir:
             sink(record)
 
     def truncate_metrics(self, last_step: int) -> None:
-        """On resume: drop the records logged after the checkpoint we resume from."""
+        """On resume: drop the records logged after the checkpoint we resume from, and the test record of an
+        earlier finish (a run interrupted while finishing, or one extended): the resumed run tests again at its end."""
         p = self.path / "metrics.jsonl"
         if not self.main or not p.exists():
             return
@@ -87,7 +88,7 @@ class RunDir:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            if rec.get("step", 0) <= last_step:
+            if rec.get("step", 0) <= last_step and rec.get("type") != "test":
                 keep.append(line)
         atomic.write_text(p, "".join(l + "\n" for l in keep))
 
