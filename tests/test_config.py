@@ -380,7 +380,7 @@ def test_schema_prints_json_schema(runner):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Record any attempt to resolve a model or load a tokenizer / data during `run`."""
-    import slimtune.api as api
+    import slimtune.loading as loading
 
     calls = []
 
@@ -390,8 +390,8 @@ def no_model_loading(monkeypatch):
             raise RuntimeError(f"{name} called")
         return fn
 
-    monkeypatch.setattr(api, "resolve", recorder("resolve"))
-    monkeypatch.setattr(api, "load_tokenizer", recorder("load_tokenizer"))
+    monkeypatch.setattr(loading, "resolve", recorder("resolve"))
+    monkeypatch.setattr(loading, "load_tokenizer", recorder("load_tokenizer"))
     return calls
 
 

@@ -6,7 +6,6 @@ config -> data checks -> tokenizer -> features -> model + method -> loop -> run 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import sys
@@ -18,8 +17,9 @@ import torch
 
 from .config import RunConfig, dump_config, load_config
 from .data.batching import LengthGroupedBatches, eval_batches
-from .methods import MethodContext, apply_method, get_method, load_adapter, save_adapter
-from .models import load_tokenizer, resolve
+from .finished import LoadedRun, evaluate, load_run, merge, predict  # noqa: F401  (the verbs on a finished run)
+from .loading import lengths, load_processor, resolve_model, resolve_precision  # noqa: F401
+from .methods import MethodContext, apply_method, get_method, save_adapter
 from .tasks import get_task
 from .track import atomic, guard
 from .track.rundir import RunDir, git_hash, hardware, new_run_dir, versions
@@ -27,8 +27,8 @@ from .track.session import RunTracking
 from .train import checkpoint
 from .train.callbacks import EarlyStopping
 from .train.loop import Loop, interrupts_deferred
-from .train.optim import build_optimizer
-from .train.groups import lr_multipliers, split_groups
+from .train.groups import split_groups
+from .train.optim import build_optimizer, default_head_lr, param_lr_scale, trainable_per_group  # noqa: F401
 from .train.progress import TrainProgress
 from .train.transfer import GradualUnfreeze, SeqLenWarmup, Staged, truncating_collate
 from .train.schedules import warmup_steps
@@ -46,22 +46,6 @@ class RunResult:
     @property
     def metrics(self) -> dict:
         return self.best_metrics
-
-
-def resolve_precision(precision: str) -> str:
-    """accelerate's mixed_precision value: 'bf16', 'fp16' or 'no'."""
-    if precision == "fp32":
-        return "no"
-    if precision == "fp16":
-        if not torch.cuda.is_available():
-            raise ValueError("train.precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'auto' on CPU")
-        return "fp16"
-    if precision == "bf16":
-        return "bf16"
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if cpu_bf16 else "no"
 
 
 def _precision_name(mixed_precision: str) -> str:
@@ -136,60 +120,6 @@ class _MethodStep:
         self.method.load_state(loop.acc.unwrap_model(loop.model), saved, loop.state["step"])
 
 
-HEAD_LR_MULT, HEAD_LR_MAX = 10.0, 2e-2
-
-
-def default_head_lr(lr: float) -> float:
-    """The lr of a newly initialised text-classification head when train.head_lr is not set: 10x train.lr, at most 2e-2
-    (the linear-probe rate of the method table, `head-only`), never below train.lr. A head that starts
-    from random weights at the adapters' rate learns too slowly: the adapters then reshape the features
-    for a head that barely moves, and small imbalanced runs collapse onto the majority classes
-    (benchmarks/RESULTS.md, bench_transfer: Banking77 66.5 -> 87.8% test accuracy; SST-2 unchanged)."""
-    return max(lr, min(HEAD_LR_MULT * lr, HEAD_LR_MAX))
-
-
-def _is_head_param(name: str, head: list[str]) -> bool:
-    dotted = "." + name
-    return any(f".{h}." in dotted for h in head)
-
-
-def _lr_scale(cfg, method, groups, head: list[str] | None = None):
-    """Per-parameter (group, lr multiplier): layer-wise / discriminative rates composed with the method's own
-    (LoRA+), and the rate of a newly initialised head (`head`: its module names)."""
-    t = cfg.train
-    mults = None
-    if t.layer_decay is not None or t.lr_ratio_min is not None or t.head_lr is not None:
-        mults = lr_multipliers(groups, t.layer_decay, t.lr_ratio_min, t.head_lr / t.lr if t.head_lr else None)
-    # the new head's default rate (train.head_lr unset): its own parameters only, not the pooler / final
-    # norm / soft prompts that share the top group
-    head_mult = default_head_lr(t.lr) / t.lr if head and t.head_lr is None else 1.0
-
-    def scale(name):
-        g, m = None, 1.0
-        if mults is not None:
-            g = groups.of_param.get(name, "head")
-            m = mults[g]
-        if head_mult != 1.0 and _is_head_param(name, head):  # its own group: "head" may also hold the pooler /
-            g, m = "new_head", m * head_mult                      # norms / soft prompts at another rate
-        own = method.lr_scale(name, cfg.method) if method.lr_scale else None
-        if own:
-            g, m = (f"{g}/{own[0]}" if g else own[0]), m * own[1]
-        return (g, m) if g else None
-
-    reported = mults
-    if head_mult != 1.0:  # param_groups.json: the new head's multiplier as applied
-        reported = {**(mults or {}), "new_head": (mults or {}).get("head", 1.0) * head_mult}
-    return (scale if (reported is not None or method.lr_scale) else None), reported
-
-
-def _trainable_per_group(model, groups) -> dict:
-    out = {g: 0 for g in groups.names}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            out[groups.of_param.get(n, "head")] += p.numel()
-    return out
-
-
 def _transfer_callbacks(cfg, model, groups, total_steps, steps_per_epoch, seq_len, acc):
     t = cfg.train
     cbs, lr_fn = [], None
@@ -212,25 +142,6 @@ def _transfer_callbacks(cfg, model, groups, total_steps, steps_per_epoch, seq_le
 
         cbs.append(ProgressiveResize(t.image_size_schedule, total_steps, seq_len))
     return cbs, lr_fn
-
-
-def _resolve_model(cfg):
-    if cfg.model.factory:
-        from .models.factory import factory_source
-
-        return factory_source(cfg.model.factory)
-    return resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
-
-
-def _load_processor(task, cfg, source):
-    """The tokenizer (text), or the task's own preprocessor (images)."""
-    if hasattr(task, "load_processor"):
-        return task.load_processor(cfg, source)
-    return load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
-
-
-def _lengths(examples) -> list[int]:
-    return [e["length"] if "length" in e else len(e["input_ids"]) for e in examples]
 
 
 def _content_keys(examples) -> list[int] | None:
@@ -265,35 +176,6 @@ def _legacy_defaults(saved: Path, cfg) -> bool:
     return True
 
 
-def _read_meta(run_dir: Path) -> dict:
-    try:
-        meta = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _record_extension(rd: RunDir, changed: dict, total_steps: int) -> None:
-    """A resume that extends training: refused if it leaves nothing to train; else config.yaml takes the new length
-    (the next resume continues from it) and resumes.jsonl says at which step the schedule changed."""
-    if not changed:
-        return
-    step = int(json.loads((rd.path / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))["step"])
-    guard.check_extension(rd.path, changed, step, total_steps)
-    cfg_text = (rd.path / "config.yaml").read_text(encoding="utf-8")
-    import yaml
-
-    data = yaml.safe_load(cfg_text) or {}
-    for key, (_, new) in changed.items():
-        section, name = key.split(".", 1)
-        data.setdefault(section, {})[name] = new
-    rd.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
-    if rd.main:
-        with open(rd.path / "resumes.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"at_step": step, "total_steps": total_steps, "changed": changed,
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-
-
 def run(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None,
         callbacks: list | None = None, trust_run_code: bool = False) -> RunResult:
     """Fine-tune as the config says; returns the metrics and the run folder.
@@ -319,7 +201,7 @@ def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: conte
         if not checkpoint.resumable(resume / "checkpoints" / "last"):
             raise FileNotFoundError(f"{resume}: no checkpoint to resume from (checkpoints/last is missing)")
         cfg, changed = guard.resume_config(resume, overrides)
-        guard.check_run_code(resume, cfg, _read_meta(resume), trust_run_code)
+        guard.check_run_code(resume, cfg, guard.read_meta(resume), trust_run_code)
         legacy = _legacy_defaults(resume / "config.yaml", cfg)
     else:
         cfg = load_config(config, overrides)
@@ -335,8 +217,8 @@ def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: conte
 
     # data first: every data error shows before a model is loaded
     splits = task.load_data(cfg)
-    source = _resolve_model(cfg)
-    tokenizer = _load_processor(task, cfg, source)
+    source = resolve_model(cfg)
+    tokenizer = load_processor(task, cfg, source)
     features = task.featurize(cfg, tokenizer, splits)
     _print_report(acc, splits.report)
 
@@ -362,7 +244,7 @@ def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: conte
     tracking = RunTracking(cfg, rd, acc, resumed=resume is not None)  # index, cost, energy / CO2, MLflow / TensorBoard
 
     train_ex = features["train"]
-    sampler = LengthGroupedBatches(_lengths(train_ex), cfg.train.batch_size, cfg.train.seed,
+    sampler = LengthGroupedBatches(lengths(train_ex), cfg.train.batch_size, cfg.train.seed,
                                    cfg.train.group_by_length, acc.num_processes, acc.process_index,
                                    keys=_content_keys(train_ex) if cfg.train.group_by_length and cfg.train.spread_duplicates else None)
     collate = task.collate(tokenizer)
@@ -380,7 +262,7 @@ def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: conte
     steps_per_epoch = math.ceil(sampler.per_rank() / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     if resume is not None:
-        _record_extension(rd, changed, total_steps)
+        guard.record_extension(rd, changed, total_steps)
     eval_every = cfg.eval.every_steps or max(1, round(cfg.eval.every_epochs * steps_per_epoch))
     eval_bs = cfg.eval.batch_size or 2 * cfg.train.batch_size
     ev = features["eval"]
@@ -399,10 +281,10 @@ def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: conte
               f"trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  precision: {_precision_name(acc.mixed_precision)}")
     method = get_method(cfg.method.name)
     groups = split_groups(model)
-    lr_scale, mults = _lr_scale(cfg, method, groups, None if legacy else getattr(model, "_slimtune_new_head", None))
+    lr_scale, mults = param_lr_scale(cfg, method, groups, None if legacy else getattr(model, "_slimtune_new_head", None))
     if acc.is_main_process:
         rd.write_json("param_groups.json", {"groups": groups.names, "lr_multipliers": mults, "note": groups.note,
-                                            "trainable_per_group": _trainable_per_group(model, groups)})
+                                            "trainable_per_group": trainable_per_group(model, groups)})
     if groups.note:
         acc.print(f"[groups] {groups.note}")
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, lr_scale)
@@ -418,7 +300,7 @@ def _run(config, overrides, resume, callbacks, trust_run_code: bool, held: conte
         cbs.append(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
     progress = TrainProgress(total_steps, enabled=acc.is_main_process and sys.stderr.isatty())
     loop = Loop(accelerator=acc, model=model, optimizer=optimizer, train_loader=loader, sampler=sampler,
-                eval_batches=eval_batches(_lengths(ev), eval_bs), eval_examples=ev,
+                eval_batches=eval_batches(lengths(ev), eval_bs), eval_examples=ev,
                 collate=collate, task=task, cfg=cfg, run=rd, callbacks=cbs, total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 warmup=warmup_steps(cfg.train.warmup, total_steps), progress=progress,
@@ -497,7 +379,7 @@ def _finish(cfg, acc, loop, rd, tracking, features, source, tokenizer, base_summ
     status = loop.stop_status  # 'pruned' when a sweep stopped it: no test evaluation
     if "test" in features and status != "pruned":
         test = features["test"]
-        test_metrics = loop.evaluate(test, eval_batches(_lengths(test), eval_bs))
+        test_metrics = loop.evaluate(test, eval_batches(lengths(test), eval_bs))
         rd.log({"type": "test", "step": state["step"], **{f"test_{k}": v for k, v in test_metrics.items()}})
         acc.print("test  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
         tracking.on_test_end(loop)
@@ -517,118 +399,6 @@ def _finish(cfg, acc, loop, rd, tracking, features, source, tokenizer, base_summ
     acc.wait_for_everyone()
     acc.print(f"done: best {cfg.monitor}={state['best_value']:.4f} at step {state['best_step']}; adapter in {run_path / 'adapter'}")
     return RunResult(run_path, status, state["best_metrics"] or {}, loop.last_metrics, test_metrics, summary)
-
-
-# -- using a finished run ------------------------------------------------------
-
-@dataclass
-class LoadedRun:
-    cfg: RunConfig
-    meta: dict
-    model: torch.nn.Module
-    tokenizer: object
-    task: object
-
-
-def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: bool = False) -> LoadedRun:
-    """The base model with the run's adapter, its tokenizer and task facts.
-
-    `trust_run_code`: load a run folder whose model runs code (model.trust_remote_code, a factory); refused
-    otherwise, since a copied run folder is code (track/guard.py)."""
-    from .tasks.common import Splits
-
-    run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
-    if not ((adapter / "adapter_config.json").is_file() or (adapter / "slimtune_adapter.json").is_file()):
-        raise FileNotFoundError(f"{run_dir}: no adapter/adapter_config.json; is this a finished run folder? (a run that was "
-                                f"interrupted can be finished with `slimtune run --resume {run_dir}`)")
-    cfg = load_config(run_dir / "config.yaml")
-    meta = RunDir(run_dir).read_json("meta.json")
-    guard.check_run_code(run_dir, cfg, meta, trust_run_code)
-    task = get_task(cfg.task)
-    from .models import ModelSource
-
-    saved = meta.get("model_source") or {}
-    source = ModelSource(**saved) if saved.get("origin") == "factory" else _resolve_model(cfg)
-    tokenizer = _load_processor(task, cfg, ModelSource(str(adapter), None, None, "folder"))
-    splits = Splits(None, None, None, None, meta=meta)
-    method = get_method(cfg.method.name)  # the base as it was trained (QLoRA: 4-bit), not a full-precision copy
-    base, _ = task.load_model(cfg, source, splits, **(method.load_kwargs(cfg.method) if method.load_kwargs else {}))
-    if hasattr(base, "config") and getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
-    model = load_adapter(base, adapter)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    return LoadedRun(cfg, meta, model, tokenizer, task)
-
-
-def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trust_run_code: bool = False) -> dict:
-    """Metrics of a finished run's adapter on another data file (same columns as training)."""
-    from .data.readers import read_source
-    from .data.validate import DataReport
-    from .tasks.common import Splits
-    from .train.loop import eval_parts
-
-    lr = load_run(run_dir, trust_run_code=trust_run_code)
-    cfg, task = lr.cfg, lr.task
-    ds = task.read_eval(cfg, data) if hasattr(task, "read_eval") else read_source(data)
-    splits = Splits(None, None, ds, DataReport(), meta=lr.meta, sources={"test": data})
-    task.check_eval_data(cfg, splits)
-    examples = task.featurize(cfg, lr.tokenizer, splits)["test"]
-    bs = batch_size or cfg.eval.batch_size or 2 * cfg.train.batch_size
-    device = next(lr.model.parameters()).device
-    prec = resolve_precision(cfg.train.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else None
-    import contextlib
-
-    parts = eval_parts(lr.model, task, task.collate(lr.tokenizer), examples,
-                       eval_batches(_lengths(examples), bs), device, autocast or contextlib.nullcontext)
-    wanted = cfg.eval.metrics or task.DEFAULT_METRICS
-    metrics = task.compute_metrics(parts, wanted, len(lr.meta.get("labels", [])))
-    for w in splits.report.warnings:
-        print(f"[data warning] {w}", file=sys.stderr)
-    return {"data": data, "examples": len(examples), **metrics}
-
-
-def predict(run_dir: str | Path, inputs: list[str], trust_run_code: bool = False, **kwargs) -> list[dict]:
-    """Labels and probabilities (classification) or generated text (causal-lm) for the inputs."""
-    lr = load_run(run_dir, trust_run_code=trust_run_code)
-    kwargs.setdefault("max_length", lr.cfg.model.max_length)
-    return lr.task.predict(lr.model, lr.tokenizer, list(inputs), lr.meta, **kwargs)
-
-
-def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False) -> Path:
-    """Write the base model with the run's adapter folded into its weights (a plain transformers model)."""
-    from .methods import merge as merge_adapter
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
-    lr = load_run(run_dir, device="cpu", trust_run_code=trust_run_code)
-    merged = merge_adapter(lr.model, Path(run_dir) / "adapter")
-    with atomic.folder(out_dir) as tmp:
-        if hasattr(merged, "save_pretrained"):
-            merged.save_pretrained(str(tmp))
-        else:  # a factory model (model.factory): its weights, and what rebuilds the module around them
-            _save_factory_model(merged, lr, tmp)
-        lr.tokenizer.save_pretrained(str(tmp))
-    return out_dir
-
-
-def _save_factory_model(model, lr: LoadedRun, folder: Path) -> None:
-    """`model.safetensors` (the merged state dict) and `slimtune_model.json`: the factory and its
-    arguments, so `build(**args).load_state_dict(load_file("model.safetensors"))` restores the model;
-    no transformers class exists to do it for a user's own module."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    labels = lr.meta.get("labels")
-    info = {"factory": (lr.meta.get("model_source") or {}).get("path") or lr.cfg.model.factory, "factory_args": lr.cfg.model.factory_args, "labels": labels,
-            "num_labels": len(labels) if labels else None, "task": lr.cfg.task,
-            "load": "build(num_labels=..., labels=..., **factory_args).load_state_dict("
-                    "safetensors.torch.load_file('model.safetensors'))"}
-    (folder / "slimtune_model.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
 def sweep(config, overrides: list[str] | None = None, **kwargs):

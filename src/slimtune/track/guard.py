@@ -17,9 +17,13 @@ import errno
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
+import yaml
+
 from ..config import ConfigError, RunConfig, load_config
+from .rundir import RunDir
 from .runinfo import flat
 
 # the keys a resume may change: the length of training (its lr schedule is re-spread from the resume step on)
@@ -135,3 +139,30 @@ def check_run_code(run_dir: Path, cfg: RunConfig, meta: dict, trusted: bool) -> 
     if why:
         raise UntrustedRun(f"{run_dir}: loading this run folder runs code: {'; and '.join(why)}. A run folder from "
                            "elsewhere is code; if you trust it, pass --trust-run-code (Python: trust_run_code=True)")
+
+
+def read_meta(run_dir: Path) -> dict:
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def record_extension(rd: RunDir, changed: dict, total_steps: int) -> None:
+    """A resume that extends training: refused if it leaves nothing to train; else config.yaml takes the new length
+    (the next resume continues from it) and resumes.jsonl says at which step the schedule changed."""
+    if not changed:
+        return
+    step = int(json.loads((rd.path / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))["step"])
+    check_extension(rd.path, changed, step, total_steps)
+    cfg_text = (rd.path / "config.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(cfg_text) or {}
+    for key, (_, new) in changed.items():
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = new
+    rd.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
+    if rd.main:
+        with open(rd.path / "resumes.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"at_step": step, "total_steps": total_steps, "changed": changed,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
