@@ -156,7 +156,6 @@ def test_idx_and_npz_readers(tmp_path):
 
 def test_corrupt_images_fail_or_skip(tmp_path):
     from slimtune.data.readers import DataError
-    from slimtune.data.validate import DataReport
     from slimtune.tasks.image_classification import load_data
     from slimtune.config import load_config
 
@@ -208,7 +207,8 @@ def test_empty_image_labels_are_an_error(tmp_path):
     with pytest.raises(DataError) as e:
         load_data(load_config(image_config("unused", str(tmp_path / "data.csv"), tmp_path / "r")))
     msg = str(e.value)
-    assert str(tmp_path / "data.csv") in msg and "'label'" in msg and "1 empty or missing label(s) (record 2)" in msg, msg
+    assert str(tmp_path / "data.csv") in msg and "'label'" in msg, msg
+    assert "1 empty or missing label(s) (record 2)" in msg, msg
 
 
 # -- transforms and schedule ---------------------------------------------------
@@ -216,7 +216,7 @@ def test_empty_image_labels_are_an_error(tmp_path):
 def test_transforms_sizes_and_normalisation():
     from PIL import Image
 
-    from slimtune.data.transforms import Augment, ImageSpec, spec_from_processor_config, to_array
+    from slimtune.data.transforms import Augment, ImageSpec, to_array
 
     im = Image.fromarray(quadrant_image(0, size=20), "L").convert("RGB")
     spec = ImageSpec(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -264,7 +264,8 @@ def test_missing_preprocessor_config_is_said(tmp_path):
     assert proc.spec.size == 224  # the fallback: said, not silent
     assert len(proc.notes) == 1, proc.notes
     note = proc.notes[0]
-    assert str(model) in note and "no preprocessor_config.json" in note and "size 224" in note and "ImageNet mean" in note
+    assert str(model) in note and "no preprocessor_config.json" in note
+    assert "size 224" in note and "ImageNet mean" in note
     assert "image.size, image.mean, image.std" in note
     from slimtune.data.images import ImageTable
 
@@ -315,7 +316,8 @@ def test_factory_without_preprocessing_attributes_is_said(tmp_path):
     cfg["model"] = {"factory": f"{f}:build"}
     proc = _processor(cfg, factory_source(f"{f}:build"))
     assert proc.spec.size == 64 and len(proc.notes) == 1
-    assert "sets no image_mean, image_std" in proc.notes[0] and "ImageNet mean, ImageNet std" in proc.notes[0], proc.notes
+    assert "sets no image_mean, image_std" in proc.notes[0], proc.notes
+    assert "ImageNet mean, ImageNet std" in proc.notes[0], proc.notes
 
 
 def test_unreadable_preprocessor_config_is_an_error(tmp_path):
@@ -331,7 +333,8 @@ def test_progressive_resizing_schedule_is_a_step_function():
     from slimtune.train.transfer import seq_len_at
 
     sched = [(0.0, 64), (0.5, 96), (0.8, 128)]
-    assert [seq_len_at(sched, p) for p in (0.0, 0.25, 0.4999, 0.5, 0.79, 0.8, 0.99, 1.0)] == [64, 64, 64, 96, 96, 128, 128, 128]
+    assert ([seq_len_at(sched, p) for p in (0.0, 0.25, 0.4999, 0.5, 0.79, 0.8, 0.99, 1.0)]
+            == [64, 64, 64, 96, 96, 128, 128, 128])
 
 
 def test_size_schedule_config_checks():
@@ -376,7 +379,8 @@ def test_datasets_image_column(tmp_path):
     from slimtune.data.validate import DataReport
 
     imgs = [Image.fromarray(quadrant_image(i % 4, seed=i), "L") for i in range(8)]
-    ds = Dataset.from_dict({"img": imgs, "label": [QUADRANTS[i % 4] for i in range(8)]}).cast_column("img", ImageFeature())
+    ds = Dataset.from_dict({"img": imgs, "label": [QUADRANTS[i % 4] for i in range(8)]})
+    ds = ds.cast_column("img", ImageFeature())
     ds.save_to_disk(str(tmp_path / "saved"))
     t = read_images(str(tmp_path / "saved"), image_column="img")
     assert len(t) == 8 and t.labels[1] == QUADRANTS[1]
@@ -406,7 +410,7 @@ def test_progressive_resize_callback_sets_the_size():
 def test_augmentations_depend_on_seed_epoch_and_index_only(tmp_path):
     """A resumed run must draw the same crops and flips as an uninterrupted one: the draws of an
     example are a function of (seed, epoch, index), not of an RNG stream that a checkpoint would lose."""
-    from slimtune.data.batching import LengthGroupedBatches
+    from slimtune.data.batching import BatchShape, LengthGroupedBatches
     from slimtune.data.transforms import Augment, ImageSpec
     from slimtune.tasks.image_classification import ImageProcessor, train_collate
 
@@ -416,11 +420,11 @@ def test_augmentations_depend_on_seed_epoch_and_index_only(tmp_path):
                      augment=Augment(hflip=True, random_crop=0.5, rotate=10, color_jitter=0.2))
 
     def batch(epoch, examples, seed=0):
-        holder = {}
+        shape = BatchShape()
         sampler = LengthGroupedBatches([1] * len(ex), 4, seed)
-        sampler.shared = holder
+        sampler.shape = shape
         sampler.set_epoch(epoch)  # what the training loop does before each epoch
-        return train_collate(ImageProcessor(spec, seed), holder)(examples)["pixel_values"]
+        return train_collate(ImageProcessor(spec, seed), shape)(examples)["pixel_values"]
 
     first = batch(1, ex[:4])
     assert torch_equal(first, batch(1, ex[:4]))              # a fresh process (a resume) draws the same

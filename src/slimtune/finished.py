@@ -12,9 +12,11 @@ import torch
 
 from .config import RunConfig, load_config
 from .data.batching import eval_batches
-from .loading import lengths, load_processor, resolve_model, resolve_precision
+from .errors import OutputExists, RunNotFound
+from .loading import lengths, resolve_model, resolve_precision
 from .methods import get_method, load_adapter
 from .tasks import get_task
+from .tasks.base import Task
 from .track import atomic, guard
 from .track.rundir import RunDir
 
@@ -25,7 +27,7 @@ class LoadedRun:
     meta: dict
     model: torch.nn.Module
     tokenizer: object
-    task: object
+    task: Task
 
 
 def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: bool = False) -> LoadedRun:
@@ -38,8 +40,8 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     if not ((adapter / "adapter_config.json").is_file() or (adapter / "slimtune_adapter.json").is_file()):
-        raise FileNotFoundError(f"{run_dir}: no adapter/adapter_config.json; is this a finished run folder? (a run that was "
-                                f"interrupted can be finished with `slimtune run --resume {run_dir}`)")
+        raise RunNotFound(f"{run_dir}: no adapter/adapter_config.json; is this a finished run folder? "
+                          f"(a run that was interrupted can be finished with `slimtune run --resume {run_dir}`)")
     cfg = load_config(run_dir / "config.yaml")
     meta = RunDir(run_dir).read_json("meta.json")
     guard.check_run_code(run_dir, cfg, meta, trust_run_code)
@@ -48,10 +50,10 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
 
     saved = meta.get("model_source") or {}
     source = ModelSource(**saved) if saved.get("origin") == "factory" else resolve_model(cfg)
-    tokenizer = load_processor(task, cfg, ModelSource(str(adapter), None, None, "folder"))
+    tokenizer = task.load_processor(cfg, ModelSource(str(adapter), None, None, "folder"))
     splits = Splits(None, None, None, None, meta=meta)
     method = get_method(cfg.method.name)  # the base as it was trained (QLoRA: 4-bit), not a full-precision copy
-    base, _ = task.load_model(cfg, source, splits, **(method.load_kwargs(cfg.method) if method.load_kwargs else {}))
+    base = task.load_model(cfg, source, splits, **(method.load_kwargs(cfg.method) if method.load_kwargs else {})).model
     if hasattr(base, "config") and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
     model = load_adapter(base, adapter)
@@ -62,27 +64,26 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
 
 def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trust_run_code: bool = False) -> dict:
     """Metrics of a finished run's adapter on another data file (same columns as training)."""
-    from .data.readers import read_source
     from .data.validate import DataReport
     from .tasks.common import Splits
     from .train.loop import eval_parts
 
-    lr = load_run(run_dir, trust_run_code=trust_run_code)
-    cfg, task = lr.cfg, lr.task
-    ds = task.read_eval(cfg, data) if hasattr(task, "read_eval") else read_source(data)
-    splits = Splits(None, None, ds, DataReport(), meta=lr.meta, sources={"test": data})
+    loaded = load_run(run_dir, trust_run_code=trust_run_code)
+    cfg, task = loaded.cfg, loaded.task
+    ds = task.read_eval(cfg, data)
+    splits = Splits(None, None, ds, DataReport(), meta=loaded.meta, sources={"test": data})
     task.check_eval_data(cfg, splits)
-    examples = task.featurize(cfg, lr.tokenizer, splits)["test"]
+    examples = task.featurize(cfg, loaded.tokenizer, splits)["test"]
     bs = batch_size or cfg.eval.batch_size or 2 * cfg.train.batch_size
-    device = next(lr.model.parameters()).device
+    device = next(loaded.model.parameters()).device
     prec = resolve_precision(cfg.train.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else None
     import contextlib
 
-    parts = eval_parts(lr.model, task, task.collate(lr.tokenizer), examples,
+    parts = eval_parts(loaded.model, task, task.collate(loaded.tokenizer), examples,
                        eval_batches(lengths(examples), bs), device, autocast or contextlib.nullcontext)
-    wanted = cfg.eval.metrics or task.DEFAULT_METRICS
-    metrics = task.compute_metrics(parts, wanted, len(lr.meta.get("labels", [])))
+    wanted = cfg.eval.metrics or task.spec.default_metrics
+    metrics = task.compute_metrics(parts, wanted, len(loaded.meta.get("labels", [])))
     for w in splits.report.warnings:
         print(f"[data warning] {w}", file=sys.stderr)
     return {"data": data, "examples": len(examples), **metrics}
@@ -90,9 +91,9 @@ def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trus
 
 def predict(run_dir: str | Path, inputs: list[str], trust_run_code: bool = False, **kwargs) -> list[dict]:
     """Labels and probabilities (classification) or generated text (causal-lm) for the inputs."""
-    lr = load_run(run_dir, trust_run_code=trust_run_code)
-    kwargs.setdefault("max_length", lr.cfg.model.max_length)
-    return lr.task.predict(lr.model, lr.tokenizer, list(inputs), lr.meta, **kwargs)
+    loaded = load_run(run_dir, trust_run_code=trust_run_code)
+    kwargs.setdefault("max_length", loaded.cfg.model.max_length)
+    return loaded.task.predict(loaded.model, loaded.tokenizer, list(inputs), loaded.meta, **kwargs)
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False) -> Path:
@@ -101,19 +102,19 @@ def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
-    lr = load_run(run_dir, device="cpu", trust_run_code=trust_run_code)
-    merged = merge_adapter(lr.model, Path(run_dir) / "adapter")
+        raise OutputExists(f"{out_dir}: exists and is not empty; choose a new folder")
+    loaded = load_run(run_dir, device="cpu", trust_run_code=trust_run_code)
+    merged = merge_adapter(loaded.model, Path(run_dir) / "adapter")
     with atomic.folder(out_dir) as tmp:
         if hasattr(merged, "save_pretrained"):
             merged.save_pretrained(str(tmp))
         else:  # a factory model (model.factory): its weights, and what rebuilds the module around them
-            _save_factory_model(merged, lr, tmp)
-        lr.tokenizer.save_pretrained(str(tmp))
+            _save_factory_model(merged, loaded, tmp)
+        loaded.tokenizer.save_pretrained(str(tmp))
     return out_dir
 
 
-def _save_factory_model(model, lr: LoadedRun, folder: Path) -> None:
+def _save_factory_model(model: torch.nn.Module, loaded: LoadedRun, folder: Path) -> None:
     """`model.safetensors` (the merged state dict) and `slimtune_model.json`: the factory and its
     arguments, so `build(**args).load_state_dict(load_file("model.safetensors"))` restores the model;
     no transformers class exists to do it for a user's own module."""
@@ -121,9 +122,10 @@ def _save_factory_model(model, lr: LoadedRun, folder: Path) -> None:
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    labels = lr.meta.get("labels")
-    info = {"factory": (lr.meta.get("model_source") or {}).get("path") or lr.cfg.model.factory, "factory_args": lr.cfg.model.factory_args, "labels": labels,
-            "num_labels": len(labels) if labels else None, "task": lr.cfg.task,
+    labels = loaded.meta.get("labels")
+    factory = (loaded.meta.get("model_source") or {}).get("path") or loaded.cfg.model.factory
+    info = {"factory": factory, "factory_args": loaded.cfg.model.factory_args, "labels": labels,
+            "num_labels": len(labels) if labels else None, "task": loaded.cfg.task,
             "load": "build(num_labels=..., labels=..., **factory_args).load_state_dict("
                     "safetensors.torch.load_file('model.safetensors'))"}
     (folder / "slimtune_model.json").write_text(json.dumps(info, indent=2), encoding="utf-8")

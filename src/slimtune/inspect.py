@@ -27,33 +27,50 @@ from torch.utils._pytree import tree_flatten
 
 from .methods import REGISTRY, MethodContext, apply_method
 from .methods.targets import block_linear_names, find_blocks
-from .models import resolve
+from .models import ModelSource, resolve
+from .tasks import TASKS, task_spec
+from .tasks.spec import TaskSpec
 
 
-def _meta_model(source, task: str, num_labels: int, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+def detect_task(config) -> str:
+    """The task a model's config suggests: a decoder (a causal-LM architecture) trains its own output layer,
+    any other model gets a new head, on token inputs."""
+    archs = getattr(config, "architectures", None) or []
+    decoder = any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False)
+    return next(spec.name for spec in TASKS.values() if spec.inputs == "tokens" and spec.has_head != decoder)
+
+
+def _inspectable(task: str) -> TaskSpec:
+    from .config import ConfigError
+
+    spec = TASKS.get(task)
+    if spec is None or spec.auto_model is None:
+        names = [s.name for s in TASKS.values() if s.auto_model]
+        raise ConfigError(f"inspect: task {task!r} cannot be inspected; use one of {', '.join(names)} or auto")
+    return spec
+
+
+def _meta_model(source: ModelSource, task: str, num_labels: int,
+                trust_remote_code: bool) -> tuple[torch.nn.Module, str]:
+    """The model built on the meta device (its config only, no weights), and the task it is built for."""
+    import transformers
 
     kw = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kw["gguf_file"] = source.gguf_file
-    config = AutoConfig.from_pretrained(source.path, **kw)
-    if task == "auto":
-        archs = getattr(config, "architectures", None) or []
-        task = "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False) else "text-classification"
-    if task == "text-classification":
+    config = transformers.AutoConfig.from_pretrained(source.path, **kw)
+    spec = _inspectable(detect_task(config) if task == "auto" else task)
+    if spec.has_head:
         config.num_labels = num_labels
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = 0
-        auto = AutoModelForSequenceClassification
-    else:
-        auto = AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    return model, task
+        model = getattr(transformers, spec.auto_model).from_config(config, trust_remote_code=trust_remote_code)
+    return model, spec.name
 
 
-def head_modules(model, task: str) -> list[str]:
-    return [n for n in ("classifier", "score") if hasattr(model, n)] if task == "text-classification" else []
+def head_modules(model: torch.nn.Module, task: str) -> list[str]:
+    return [n for n in ("classifier", "score") if hasattr(model, n)] if task_spec(task).has_head else []
 
 
 def default_method_config(name: str, for_counting: bool = True):
@@ -142,21 +159,26 @@ def step_bytes(model, batch: dict) -> dict:
     return {"peak": books.peak, "saved": saved_bytes, "grads": grads}
 
 
-def dummy_batch(task: str, batch_size: int, seq_len: int, device="meta", vocab: int = 100) -> dict:
+def dummy_batch(task: str, batch_size: int, seq_len: int, device: str = "meta", vocab: int = 100) -> dict:
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
     if device != "meta":
         ids = torch.randint(5, vocab, (batch_size, seq_len), device=device)
     batch = {"input_ids": ids}  # no mask: all tokens real, and a mask would be inspected with .all() (data-dependent)
-    batch["labels"] = ids.clone() if task == "causal-lm" else torch.zeros(batch_size, dtype=torch.long, device=device)
+    # a head predicts one class per example; a language model each next token
+    if task_spec(task).has_head:
+        batch["labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+    else:
+        batch["labels"] = ids.clone()
     return batch
 
 
-def method_cost(model, task: str, name: str, batch_size: int, seq_len: int, cfg=None, activations: bool = True) -> dict:
+def method_cost(model: torch.nn.Module, task: str, name: str, batch_size: int, seq_len: int, cfg=None,
+                activations: bool = True) -> dict:
     from .methods import MethodError
 
     m = copy.deepcopy(model)
     cfg = cfg or default_method_config(name)
-    ctx = MethodContext(task, "SEQ_CLS" if task == "text-classification" else "CAUSAL_LM", head_modules(m, task), 100, None)
+    ctx = MethodContext(task, task_spec(task).peft_task_type, head_modules(m, task), 100, None)
     method = REGISTRY[name]
     try:
         if method.check_environment:
@@ -219,7 +241,8 @@ def inspect_model(name: str, task: str = "auto", batch_size: int = 8, seq_len: i
         return _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_code)
 
 
-def _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_code) -> dict:
+def _inspect(name: str, task: str, batch_size: int, seq_len: int, num_labels: int, methods: list[str] | None,
+             trust_remote_code: bool) -> dict:
     source = resolve(name)
     model, task = _meta_model(source, task, num_labels, trust_remote_code)
     blocks_name, blocks = find_blocks(model)
@@ -240,7 +263,8 @@ def _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_
         "total_params": sum(p.numel() for p in model.parameters()),
         "params_by_module_kind": dict(kinds.most_common()),
         "head": heads,
-        "target_modules": [{"name": n, "peft_name": n.split(".")[-1], "example": f"{blocks_name}.0.{n}", "weight_shape": shapes.get(n)} for n in targets],
+        "target_modules": [{"name": n, "peft_name": n.split(".")[-1], "example": f"{blocks_name}.0.{n}",
+                            "weight_shape": shapes.get(n)} for n in targets],
         "batch_size": batch_size, "seq_len": seq_len,
         "methods": rows,
         "estimate": "training memory = fp32 weights and buffers + AdamW state (2x trainable) + the peak of one "
@@ -256,8 +280,9 @@ def print_report(r: dict, console) -> None:
     from rich.table import Table
 
     console.print(f"[bold]{r['model']}[/] ({r['source']}): {r['architecture']}, task {r['task']}")
-    console.print(f"blocks: {r['blocks']['count']} x {r['blocks']['type']} at {r['blocks']['path']}; hidden size {r['hidden_size']}; "
-                  f"{r['total_params']:,} parameters; head: {', '.join(r['head']) or '(the LM head, frozen by default)'}")
+    console.print(f"blocks: {r['blocks']['count']} x {r['blocks']['type']} at {r['blocks']['path']}; "
+                  f"hidden size {r['hidden_size']}; {r['total_params']:,} parameters; "
+                  f"head: {', '.join(r['head']) or '(the LM head, frozen by default)'}")
     t = Table(title="parameters by module kind")
     t.add_column("kind"), t.add_column("params", justify="right")
     for k, v in r["params_by_module_kind"].items():
@@ -284,4 +309,5 @@ def print_report(r: dict, console) -> None:
     for row in r["methods"]:
         if "error" in row or "note" in row:
             console.print(f"[yellow]{row['method']}[/]: {row.get('error') or row['note']}")
-    console.print(f"[dim]train: {r['estimate']}; saved: the activations autograd keeps for backward; eva is counted at LoRA's rank budget before its data-driven redistribution[/]")
+    console.print(f"[dim]train: {r['estimate']}; saved: the activations autograd keeps for backward; eva is counted "
+                  "at LoRA's rank budget before its data-driven redistribution[/]")

@@ -15,6 +15,7 @@ from .config import RunConfig, load_config
 from .models.checks import check_weights_folder, model_config, position_limit
 from .models.sources import ModelError, ModelSource, resolve
 from .tasks import get_task
+from .tasks.base import Task
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Validation:
     warnings: list[str] = field(default_factory=list)
 
 
-def validate(config, overrides: list[str] | None = None) -> Validation:
+def validate(config: str | Path | dict | RunConfig, overrides: list[str] | None = None) -> Validation:
     """Raises the error `run` would raise first (ConfigError, DataError, ModelError, FileNotFoundError)."""
     cfg = load_config(config, overrides)
     task = get_task(cfg.task)
@@ -34,7 +35,7 @@ def validate(config, overrides: list[str] | None = None) -> Validation:
     return Validation(cfg, splits, model, list(splits.report.warnings) + notes)
 
 
-def check_model(cfg, task) -> tuple[str, list[str]]:
+def check_model(cfg: RunConfig, task: Task) -> tuple[str, list[str]]:
     """(a line saying what was checked, warnings of the model's preprocessing)."""
     if cfg.model.factory:
         from .models.factory import factory_source
@@ -46,10 +47,11 @@ def check_model(cfg, task) -> tuple[str, list[str]]:
     config = model_config(src, cfg.model.trust_remote_code, cfg.model.revision)
     weights = source_weights(src, cfg.model.revision)
     processor = task.load_processor(cfg, src)  # text: the tokenizer loads and model.max_length fits
-    limit, _ = position_limit(config, processor if cfg.task != "image-classification" else None)
+    tokens = task.spec.inputs == "tokens"
+    limit, _ = position_limit(config, processor if tokens else None)
     kind = getattr(config, "model_type", None) or type(config).__name__
     where = src.path if src.origin != "gguf" else str(Path(src.path, src.gguf_file))
-    line = f"{where} ({src.origin}; {kind}" + (f", up to {limit} tokens" if limit and cfg.task != "image-classification" else "") \
+    line = f"{where} ({src.origin}; {kind}" + (f", up to {limit} tokens" if limit and tokens else "") \
         + f"; weights: {weights})"
     return line, list(getattr(processor, "notes", []))
 

@@ -10,22 +10,28 @@ base (peft's `path_initial_model_for_weight_conversion`), which anyone can load.
 from __future__ import annotations
 
 import tempfile
-from typing import Literal
+import weakref
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from .base import Method, MethodContext, MethodError, TargetedConfig
 from .targets import find_targets
 
+if TYPE_CHECKING:
+    import torch
+
 
 class LoraOptions(TargetedConfig):
     r: int = Field(8, ge=1, description="rank of the update matrices")
-    alpha: float = Field(16.0, gt=0, description="lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
+    alpha: float = Field(16.0, gt=0,
+                         description="lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases to train")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
-    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = Field("default", description="initialisation of A and B")
+    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = Field("default",
+                                                                         description="initialisation of A and B")
 
 
 class LoraConfig(LoraOptions):
@@ -130,7 +136,11 @@ def _apply_eva(model, cfg, peft_cfg, ctx):
     return peft_model
 
 
-def _remember_initial_adapter(model):
+# PiSSA / OLoRA: the folder of each model's initial adapter, kept as long as the model lives
+_INITIAL_ADAPTERS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _remember_initial_adapter(model: torch.nn.Module) -> None:
     """PiSSA / OLoRA: save the initial adapter (peft's recipe) to convert the trained one into plain LoRA at save."""
     cfg = model.peft_config["default"]
     original = cfg.init_lora_weights
@@ -140,11 +150,11 @@ def _remember_initial_adapter(model):
         model.save_pretrained(path, save_embedding_layers=False)
     finally:
         cfg.init_lora_weights = original
-    model._slimtune_initial_adapter = path
+    _INITIAL_ADAPTERS[model] = path
 
 
-def before_save(model, tmp_root) -> dict:
-    path = getattr(model, "_slimtune_initial_adapter", None)
+def before_save(model: torch.nn.Module, tmp_root: str) -> dict:
+    path = _INITIAL_ADAPTERS.get(model)
     return {"path_initial_model_for_weight_conversion": path} if path else {}
 
 
@@ -178,10 +188,12 @@ METHODS = [
     Method("lora", LoraConfig, apply, summary="low-rank updates of the block linear layers"),
     Method("dora", DoraConfig, apply, summary="LoRA + learned magnitude (weight-decomposed)"),
     Method("rslora", RsLoraConfig, apply, summary="LoRA with rank-stabilised scaling"),
-    Method("pissa", PissaConfig, apply, before_save=before_save, summary="LoRA initialised from principal singular vectors"),
+    Method("pissa", PissaConfig, apply, before_save=before_save,
+           summary="LoRA initialised from principal singular vectors"),
     Method("olora", OloraConfig, apply, before_save=before_save, summary="LoRA initialised orthonormally (QR)"),
     Method("eva", EvaConfig, apply, summary="LoRA initialised from activations (data-driven ranks)"),
-    Method("lora-plus", LoraPlusConfig, apply, lr_scale=lora_plus_scale, default_lr=2e-4, summary="LoRA with a higher lr for B"),
+    Method("lora-plus", LoraPlusConfig, apply, lr_scale=lora_plus_scale, default_lr=2e-4,
+           summary="LoRA with a higher lr for B"),
     Method("qlora", QloraConfig, apply, load_kwargs=qlora_load_kwargs, check_environment=check_qlora,
            summary="LoRA on a 4-bit base (CUDA)"),
 ]

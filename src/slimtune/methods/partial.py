@@ -13,13 +13,17 @@ full model.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from ..schema import StrictModel
+from ..tasks import task_spec
 from .base import Method, MethodContext, MethodError
 from .targets import find_blocks
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BitfitConfig(StrictModel):
@@ -41,9 +45,10 @@ class FullConfig(StrictModel):
     name: Literal["full"] = "full"
 
 
-def _head_names(model, ctx: MethodContext) -> list[str]:
+def _head_names(model: torch.nn.Module, ctx: MethodContext) -> list[str]:
+    """The head the method trains in full: the task's new head, or a language model's output layer."""
     heads = list(ctx.head_modules)
-    if not heads and ctx.task == "causal-lm":
+    if not heads and not task_spec(ctx.task).has_head:
         out = model.get_output_embeddings()
         heads = [n for n, m in model.named_modules() if m is out]
     return heads
@@ -74,8 +79,8 @@ def apply_bitfit(model, cfg: BitfitConfig, ctx):
     _freeze_all_but(model, lambda n, p: id(p) in head_ids or n.endswith(".bias")
                     or (cfg.include_norm and any(w in n for w in norm_words)))
     if not any(p.requires_grad and n.endswith(".bias") and id(p) not in head_ids for n, p in model.named_parameters()):
-        raise MethodError(f"method bitfit: {type(model).__name__} has no bias terms outside the head, so BitFit would train "
-                          "only the head; use head-only, ia3 or a LoRA-family method")
+        raise MethodError(f"method bitfit: {type(model).__name__} has no bias terms outside the head, so BitFit "
+                          "would train only the head; use head-only, ia3 or a LoRA-family method")
     return model
 
 
@@ -89,7 +94,8 @@ def apply_last_n(model, cfg: LastNLayersConfig, ctx):
     if cfg.include_norm:  # a norm after the blocks (Llama `model.norm`, GPT-2 `ln_f`), not inside them
         parent = blocks_name.rsplit(".", 1)[0] if "." in blocks_name else ""
         for n, m in model.named_modules():
-            if "norm" in type(m).__name__.lower() and not _in(n, [blocks_name]) and n.rsplit(".", 1)[0] == parent and "embed" not in n:
+            is_norm = "norm" in type(m).__name__.lower() and "embed" not in n
+            if is_norm and not _in(n, [blocks_name]) and n.rsplit(".", 1)[0] == parent:
                 norms.append(n)
     _train_modules(model, top + heads + norms)
     return model
@@ -110,7 +116,9 @@ def apply_full(model, cfg, ctx):
 
 METHODS = [
     Method("bitfit", BitfitConfig, apply_bitfit, saved_by="slimtune", default_lr=5e-3, summary="bias terms only"),
-    Method("last-n-layers", LastNLayersConfig, apply_last_n, saved_by="slimtune", default_lr=1e-4, summary="top N blocks unfrozen"),
-    Method("head-only", HeadOnlyConfig, apply_head_only, saved_by="slimtune", default_lr=2e-2, summary="linear probe on frozen features"),
+    Method("last-n-layers", LastNLayersConfig, apply_last_n, saved_by="slimtune", default_lr=1e-4,
+           summary="top N blocks unfrozen"),
+    Method("head-only", HeadOnlyConfig, apply_head_only, saved_by="slimtune", default_lr=2e-2,
+           summary="linear probe on frozen features"),
     Method("full", FullConfig, apply_full, saved_by="slimtune", default_lr=5e-5, summary="all parameters (baseline)"),
 ]

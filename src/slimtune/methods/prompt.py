@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..schema import StrictModel
+from ..tasks import task_spec
 from .base import Method, MethodContext, MethodError
 
 
@@ -50,14 +51,16 @@ def apply_prompt(model, cfg: PromptTuningConfig, ctx):
     kw = {}
     if cfg.init_text:
         name = getattr(model.config, "_name_or_path", None)
-        kw = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": cfg.init_text, "tokenizer_name_or_path": name}
+        kw = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": cfg.init_text,
+              "tokenizer_name_or_path": name}
     return _finish(model, P(task_type=ctx.task_type, num_virtual_tokens=cfg.num_virtual_tokens, **kw), ctx)
 
 
 def apply_prefix(model, cfg: PrefixTuningConfig, ctx):
     from peft import PrefixTuningConfig as P
 
-    if ctx.task != "causal-lm" and not getattr(model.config, "is_decoder", False):
+    # a language model (its output layer is the head) is a decoder; another model says so in its config
+    if task_spec(ctx.task).has_head and not getattr(model.config, "is_decoder", False):
         raise MethodError(
             f"method prefix-tuning needs a model that takes past_key_values (a decoder); {type(model).__name__} is an "
             "encoder. Use prompt-tuning or p-tuning (virtual tokens at the input) or a LoRA-family method"
@@ -70,11 +73,15 @@ def apply_ptuning(model, cfg: PTuningConfig, ctx):
     from peft import PromptEncoderConfig as P
 
     return _finish(model, P(task_type=ctx.task_type, num_virtual_tokens=cfg.num_virtual_tokens,
-                            encoder_reparameterization_type=cfg.encoder, encoder_hidden_size=cfg.encoder_hidden_size), ctx)
+                            encoder_reparameterization_type=cfg.encoder,
+                            encoder_hidden_size=cfg.encoder_hidden_size), ctx)
 
 
 METHODS = [
-    Method("prompt-tuning", PromptTuningConfig, apply_prompt, mergeable=False, default_lr=3e-2, summary="trained soft prompt at the input"),
-    Method("prefix-tuning", PrefixTuningConfig, apply_prefix, mergeable=False, default_lr=1e-2, summary="trained key/value prefixes (decoders)"),
-    Method("p-tuning", PTuningConfig, apply_ptuning, mergeable=False, default_lr=1e-2, summary="virtual tokens from a prompt encoder"),
+    Method("prompt-tuning", PromptTuningConfig, apply_prompt, mergeable=False, default_lr=3e-2,
+           summary="trained soft prompt at the input"),
+    Method("prefix-tuning", PrefixTuningConfig, apply_prefix, mergeable=False, default_lr=1e-2,
+           summary="trained key/value prefixes (decoders)"),
+    Method("p-tuning", PTuningConfig, apply_ptuning, mergeable=False, default_lr=1e-2,
+           summary="virtual tokens from a prompt encoder"),
 ]

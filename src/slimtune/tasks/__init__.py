@@ -1,35 +1,41 @@
-"""Tasks: one module per task, each exposing the same free functions.
+"""Tasks: one module per task holding a `Task` subclass (tasks/base.py: the contract, with no-op defaults for
+the optional members), and one `TaskSpec` line here (tasks/spec.py: the facts, torch-free).
 
-    METRICS, DEFAULT_METRICS, PEFT_TASK_TYPE
-    load_data(cfg) -> Splits                     read, validate, split (no model needed)
-    load_model(cfg, source, splits) -> (model, head_modules)
-    featurize(cfg, tokenizer, splits, report)    tokenized examples per split (+ truncation warnings)
-    collate(tokenizer) -> callable               dynamic padding of a list of examples
-    eval_step(model, batch) -> dict of tensors   gathered across processes by the loop
-    compute_metrics(parts, wanted) -> dict
-    count(batch) -> (samples, tokens)            for throughput
-    predict(model, tokenizer, inputs, meta, **kw)
-    load_processor(cfg, source)                  the tokenizer (text: model.max_length checked against the
-                                                 model's positions) or the image preprocessing
-
-Optional (image-classification has them): train_collate(processor, holder) for augmented / resized
-training batches, read_eval(cfg, source) for `slimtune eval`; examples may carry a `length` instead of
-`input_ids`.
+Adding a task is one new module plus one line in `TASKS`.
 """
 from __future__ import annotations
 
 import importlib
+from functools import cache
 
-TASK_MODULES = {
-    "text-classification": "slimtune.tasks.text_classification",
-    "causal-lm": "slimtune.tasks.causal_lm",
-    "image-classification": "slimtune.tasks.image_classification",
-}
+from .spec import TaskSpec
+
+_CLASSIFICATION = ("accuracy", "macro_f1", "loss")
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    # fast_new_head: the small pooled text features need a 10x head rate (benchmarks/RESULTS.md, "The new head's
+    # learning rate"); images' do not (same file, bench_vision)
+    TaskSpec("text-classification", "slimtune.tasks.text_classification", _CLASSIFICATION, _CLASSIFICATION,
+             "accuracy", "samples", "SEQ_CLS", "tokens", fast_new_head=True, keep_last_token=True,
+             auto_model="AutoModelForSequenceClassification"),
+    TaskSpec("causal-lm", "slimtune.tasks.causal_lm", ("loss", "perplexity"), ("loss", "perplexity"),
+             "loss", "tokens", "CAUSAL_LM", "tokens", has_head=False, auto_model="AutoModelForCausalLM"),
+    # peft_task_type None: peft's plain PeftModel, the model's own forward (pixel_values, labels)
+    TaskSpec("image-classification", "slimtune.tasks.image_classification",
+             _CLASSIFICATION + ("top2_accuracy", "top3_accuracy", "top5_accuracy"), _CLASSIFICATION,
+             "accuracy", "samples", None, "images", fast_new_head=False),
+)}
 
 
+def task_spec(name: str) -> TaskSpec:
+    return TASKS[name]
+
+
+@cache
 def get_task(name: str):
-    return importlib.import_module(TASK_MODULES[name])
+    """The task's behaviour (a tasks.base.Task); imports torch and the task's libraries."""
+    return importlib.import_module(TASKS[name].module).TASK
 
 
 def task_metrics(name: str) -> tuple[str, ...]:
-    return get_task(name).METRICS
+    return TASKS[name].metrics

@@ -1,7 +1,8 @@
-"""Pieces shared by tasks: split loading, padding, metrics."""
+"""Pieces shared by tasks: split loading and label order, padding, text heads, classification metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -10,18 +11,24 @@ from datasets import Dataset
 from ..data.readers import read_source
 from ..data.splits import split_indices
 from ..data.validate import DataReport, empty_text_warning, label_values, require_nonempty
+from .base import Batch, Task
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 @dataclass
 class Splits:
-    train: Dataset
-    eval: Dataset
-    test: Dataset | None
+    """The data of a run. Tables are datasets' (text) or data.images.ImageTable (images)."""
+
+    train: Any
+    eval: Any
+    test: Any | None
     report: DataReport
     meta: dict = field(default_factory=dict)  # task facts kept in the run folder (labels, format)
     sources: dict = field(default_factory=dict)
 
-    def present(self):
+    def present(self) -> Iterator[tuple[str, Any]]:
         """(name, split) for the splits that exist: train, eval, then test when given."""
         for name in ("train", "eval", "test"):
             split = getattr(self, name)
@@ -29,13 +36,14 @@ class Splits:
                 yield name, split
 
 
-def read_splits(cfg, stratify_column: str | None, check_columns, text_columns=()) -> Splits:
-    """Read train / eval / test, check columns, carve eval out of train when absent.
+def read_splits(cfg: RunConfig, stratify_column: str | None, check_columns: Callable[[Dataset, str], None],
+                text_columns: Iterable[str] = ()) -> Splits:
+    """Read train / eval / test tables, check columns, carve eval out of train when absent, then cut to
+    data.max_train_samples / max_eval_samples.
 
     `stratify_column`: the label column (classification): every file's labels are checked and the
     carved eval split is stratified by them. `text_columns`: empty texts are counted in the report.
     The checks run on each file as read, so the record numbers they name are the file's."""
-    d = cfg.data
     report = DataReport()
 
     def read(source: str, split: str) -> Dataset:
@@ -48,6 +56,21 @@ def read_splits(cfg, stratify_column: str | None, check_columns, text_columns=()
             empty_text_warning(report, ds[col], source, col)
         return ds
 
+    def carve_labels(train: Dataset) -> tuple[list[str], str]:
+        return (label_values(train[stratify_column], cfg.data.train, stratify_column),
+                f"{cfg.data.train} (column {stratify_column!r})")
+
+    splits = gather_splits(cfg, read, report, carve_labels if stratify_column else None)
+    limit_samples(cfg, splits)
+    return splits
+
+
+def gather_splits(cfg: RunConfig, read: Callable[[str, str], Any], report: DataReport,
+                  carve_labels: Callable[[Any], tuple[list[str], str]] | None = None) -> Splits:
+    """train, eval and test as `read(source, split)` gives them (a datasets table or an ImageTable); without
+    data.eval, eval is data.eval_fraction of train, stratified by `carve_labels(train)` -> (labels, where they
+    come from, for the class-size error) when given. The split is a function of data.split_seed only."""
+    d = cfg.data
     train = read(d.train, "train")
     sources = {"train": d.train}
     if d.eval:
@@ -55,36 +78,50 @@ def read_splits(cfg, stratify_column: str | None, check_columns, text_columns=()
         sources["eval"] = d.eval
     else:
         labels = None
-        if stratify_column:
+        if carve_labels is not None:
             from ..data.validate import check_class_sizes
 
-            labels = label_values(train[stratify_column], d.train, stratify_column)
-            check_class_sizes(labels, f"{d.train} (column {stratify_column!r})", d.min_class_examples)
+            labels, where = carve_labels(train)
+            check_class_sizes(labels, where, d.min_class_examples)
         if len(train) < 2:
             raise_small(d.train, len(train))
         tr_idx, ev_idx = split_indices(len(train), d.eval_fraction, d.split_seed, labels)
-        ev = train.select(ev_idx)
-        train = train.select(tr_idx)
+        train, ev = train.select(tr_idx), train.select(ev_idx)
         sources["eval"] = f"{d.eval_fraction:.0%} of {d.train} (seed {d.split_seed})"
         report.stats["eval_carved_out"] = True
     test = None
     if d.test:
         test = read(d.test, "test")
         sources["test"] = d.test
-    if d.max_train_samples and len(train) > d.max_train_samples:
-        train = train.shuffle(seed=d.split_seed).select(range(d.max_train_samples))
-    if d.max_eval_samples and len(ev) > d.max_eval_samples:
-        ev = ev.shuffle(seed=d.split_seed).select(range(d.max_eval_samples))
     return Splits(train, ev, test, report, sources=sources)
 
 
-def raise_small(source: str, n: int):
+def limit_samples(cfg: RunConfig, splits: Splits) -> None:
+    """data.max_train_samples / max_eval_samples: a seeded random subset of each split, in place."""
+    d = cfg.data
+    if d.max_train_samples and len(splits.train) > d.max_train_samples:
+        splits.train = splits.train.shuffle(seed=d.split_seed).select(range(d.max_train_samples))
+    if d.max_eval_samples and len(splits.eval) > d.max_eval_samples:
+        splits.eval = splits.eval.shuffle(seed=d.split_seed).select(range(d.max_eval_samples))
+
+
+def label_order(labels: Iterable[str], names: list[str] | None = None) -> list[str]:
+    """The class order of a run (class i is the head's output i): data.label_names' order when given, else
+    integer-like labels by value, then the others alphabetically."""
+    present = set(labels)
+    if names:
+        return [n for n in names if n in present]
+    return sorted(present, key=lambda x: (len(x), x) if x.isdigit() else (1 << 30, x))
+
+
+def raise_small(source: str, n: int) -> NoReturn:
     from ..data.readers import DataError
 
     raise DataError(f"{source}: {n} example(s) cannot be split into train and eval; add examples or give data.eval")
 
 
-def pad_batch(examples: list[dict], pad_id: int, keys=("input_ids", "attention_mask", "labels"), label_pad: int = -100) -> dict:
+def pad_batch(examples: list[dict], pad_id: int, keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels"),
+              label_pad: int = -100) -> dict:
     n = max(len(e["input_ids"]) for e in examples)
     out = {}
     for key in keys:
@@ -98,7 +135,8 @@ def pad_batch(examples: list[dict], pad_id: int, keys=("input_ids", "attention_m
 def truncation_warning(report: DataReport, split: str, n_truncated: int, n: int, max_length: int) -> None:
     report.stats[f"{split}_truncated"] = n_truncated
     if n_truncated:
-        report.warn(f"{split}: {n_truncated} of {n} examples ({n_truncated / n:.1%}) are longer than model.max_length={max_length} and were truncated")
+        report.warn(f"{split}: {n_truncated} of {n} examples ({n_truncated / n:.1%}) are longer than "
+                    f"model.max_length={max_length} and were truncated")
 
 
 # a head holds this many tokens more than it must, so that the last word it cuts lies past the kept tokens
@@ -120,7 +158,8 @@ def head_texts(tokenizer, texts: list[str], n_tokens: int) -> tuple[list[str], l
         if not todo:
             break
         cand = {i: texts[i][:_space_before(texts[i], budget)] for i in todo}
-        ids = tokenizer([cand[i] for i in todo], add_special_tokens=False, truncation=True, max_length=n_tokens)["input_ids"]
+        ids = tokenizer([cand[i] for i in todo], add_special_tokens=False, truncation=True,
+                        max_length=n_tokens)["input_ids"]
         short = []
         for i, x in zip(todo, ids):
             if len(x) >= n_tokens:
@@ -151,3 +190,52 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
             continue  # class absent from both: not part of the average
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(f1s)) if f1s else float("nan")
+
+
+# -- single-label classification (text and images) ------------------------------------------------------
+
+def ranked_labels(labels: list[str], probs: np.ndarray) -> dict:
+    """One prediction: the top label, its probability, and every label's probability, highest first."""
+    order = np.argsort(-probs)
+    return {"label": labels[int(order[0])], "score": float(probs[order[0]]),
+            "probabilities": {labels[int(j)]: float(probs[j]) for j in order}}
+
+
+def confusion_matrix(parts: dict[str, torch.Tensor], num_labels: int) -> list[list[int]]:
+    """counts[true][predicted] over the evaluated examples (for the run report)."""
+    pred, gold = parts["pred"].long().cpu().numpy(), parts["gold"].long().cpu().numpy()
+    ok = (gold >= 0) & (gold < num_labels) & (pred >= 0) & (pred < num_labels)
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(counts, (gold[ok], pred[ok]), 1)
+    return counts.tolist()
+
+
+class Classification(Task):
+    """What single-label classifiers share: evaluation outputs, metrics, the confusion matrix. `top_k`: the k of
+    the top-k accuracies the task offers (its spec's metrics name them)."""
+
+    top_k: tuple[int, ...] = ()
+
+    def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = model(**batch).logits.float()
+        gold = batch["labels"]
+        parts = {"pred": logits.argmax(-1), "gold": gold,
+                 "loss": torch.nn.functional.cross_entropy(logits, gold, reduction="none")}
+        if self.top_k:  # rank of the gold class among the logits (0 = predicted): top-k accuracy for any k
+            parts["gold_rank"] = (logits > logits.gather(1, gold.clamp(min=0)[:, None])).sum(1)
+        return parts
+
+    def compute_metrics(self, parts: dict[str, torch.Tensor], wanted: Iterable[str],
+                        num_labels: int) -> dict[str, float]:
+        pred, gold = parts["pred"].cpu().numpy(), parts["gold"].cpu().numpy()
+        all_metrics = {
+            "accuracy": lambda: accuracy(pred, gold),
+            "macro_f1": lambda: macro_f1(pred, gold, num_labels),
+            "loss": lambda: float(parts["loss"].float().mean()),
+        }
+        for k in self.top_k:
+            all_metrics[f"top{k}_accuracy"] = (lambda k=k: float((parts["gold_rank"] < k).float().mean()))
+        return {m: all_metrics[m]() for m in wanted}
+
+    def confusion_matrix(self, parts: dict[str, torch.Tensor], num_labels: int) -> list[list[int]]:
+        return confusion_matrix(parts, num_labels)

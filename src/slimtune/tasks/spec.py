@@ -1,0 +1,34 @@
+"""What is known about a task without loading it: torch-free, read by config, inspect and tracking.
+
+A task is one module under tasks/ (its `Task` subclass, the behaviour) plus one `TaskSpec` line in
+tasks/__init__.py's registry (the facts). Nothing outside tasks/ spells a task's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    module: str  # the module holding the Task subclass `TASK`
+    metrics: tuple[str, ...]  # every metric eval.metrics / eval.monitor may name
+    default_metrics: tuple[str, ...]  # computed when eval.metrics is not given
+    default_monitor: str  # eval.monitor when not given
+    throughput_unit: Literal["samples", "tokens"]  # the progress bar's and the summary's speed
+    peft_task_type: str | None  # peft's TaskType (None: the plain PeftModel, the model's own forward)
+    inputs: Literal["tokens", "images"]  # tokens: model.max_length, sequence-length schedules, FLOPs ~ tokens x weights
+    # the randomly initialised head trains at its own, faster default lr (train/optim.py default_head_lr);
+    # chosen per task from measurements (benchmarks/RESULTS.md, "The new head's learning rate")
+    fast_new_head: bool = False
+    has_head: bool = True  # a new output layer sized to the labels (classification), trained in full
+    # a sequence-length schedule cuts examples but keeps their last token (a classifier's [SEP] / EOS)
+    keep_last_token: bool = False
+    lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
+    # the transformers Auto class that builds the model from its config (`slimtune inspect`, on the meta device);
+    # None: the task is not inspected
+    auto_model: str | None = None
+
+    def higher_is_better(self, metric: str) -> bool:
+        return metric not in self.lower_is_better
