@@ -24,7 +24,7 @@ import slimtune.api as api
 from slimtune.cli import app
 
 def digest(loop):
-    model = loop.acc.unwrap_model(loop.model)
+    model = loop.accelerator.unwrap_model(loop.model)
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
@@ -36,8 +36,9 @@ class Hashes:
         self.begin = digest(loop)
 
     def on_train_end(self, loop):
-        out = os.path.join(sys.argv[2], f"rank{loop.acc.process_index}.json")
-        json.dump({"begin": self.begin, "end": digest(loop), "processes": loop.acc.num_processes}, open(out, "w"))
+        out = os.path.join(sys.argv[2], f"rank{loop.accelerator.process_index}.json")
+        json.dump({"begin": self.begin, "end": digest(loop), "processes": loop.accelerator.num_processes},
+                  open(out, "w"))
 
 run = api.run
 api.run = lambda *a, callbacks=None, **k: run(*a, callbacks=[*(callbacks or []), Hashes()], **k)
@@ -81,5 +82,5 @@ def test_two_process_accelerate_launch(tiny_bert, cls_data, tmp_path):
     assert all(r["processes"] == 2 for r in ranks)
     assert ranks[0]["begin"] == ranks[1]["begin"] and ranks[0]["end"] != ranks[0]["begin"]
     assert ranks[0]["end"] == ranks[1]["end"]
-    evals = [json.loads(l) for l in (runs[0] / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    evals = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals

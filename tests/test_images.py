@@ -390,19 +390,21 @@ def test_datasets_image_column(tmp_path):
 
 
 def test_progressive_resize_callback_sets_the_size():
+    from slimtune.data.batching import BatchShape
+    from slimtune.train.state import TrainState
     from slimtune.train.transfer import ProgressiveResize
 
     class FakeLoop:
         def __init__(self):
-            self.state, self.log_extras = {"step": 0}, {}
+            self.state, self.log_extras = TrainState(), {}
 
-    holder, loop = {}, FakeLoop()
-    cb = ProgressiveResize([[0.0, 16], [0.5, 24], [0.75, 32]], 8, holder)
+    shape, loop = BatchShape(), FakeLoop()
+    cb = ProgressiveResize([[0.0, 16], [0.5, 24], [0.75, 32]], 8, shape)
     seen = []
     cb.on_train_begin(loop)
     for step in range(1, 9):
-        seen.append(holder["size"])
-        loop.state["step"] = step
+        seen.append(shape.image_size)
+        loop.state.step = step
         cb.on_step_end(loop)
     assert seen == [16, 16, 16, 16, 24, 24, 32, 32] and loop.log_extras["image_size"] == 32
 

@@ -14,7 +14,8 @@ from slimtune.methods import MethodError
 from conftest import chat_rows, write_jsonl
 
 HAVE_QLORA = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-needs_qlora = pytest.mark.skipif(not HAVE_QLORA, reason="QLoRA needs a CUDA GPU and bitsandbytes (pip install bitsandbytes)")
+needs_qlora = pytest.mark.skipif(not HAVE_QLORA,
+                                 reason="QLoRA needs a CUDA GPU and bitsandbytes (pip install bitsandbytes)")
 PROMPTS = ["tell me about cats", "tell me about dogs"]
 
 
@@ -41,7 +42,7 @@ class _FinalOutputs:
         self.tokenizer = tokenizer
 
     def on_train_end(self, loop):
-        model = loop.acc.unwrap_model(loop.model)
+        model = loop.accelerator.unwrap_model(loop.model)
         self.four_bit = any(type(m).__name__ == "Linear4bit" for m in model.modules())
         batch = self.tokenizer(PROMPTS, padding=True, return_tensors="pt").to(next(model.parameters()).device)
         was_training = model.training
@@ -68,7 +69,7 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_reloads(tiny_llama, tmp_pat
 
     res, seen = _train(tiny_llama, tmp_path)
     assert res.status == "completed" and seen.four_bit  # the base really was quantized
-    recs = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["type"] == "train"]
     assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2, losses
     adapter = res.run_dir / "adapter"
@@ -106,6 +107,7 @@ def test_qlora_without_bitsandbytes_names_the_package(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(MethodError, match="needs bitsandbytes: pip install bitsandbytes"):
         check_qlora(QloraConfig())

@@ -66,10 +66,11 @@ def _same_result(summary: dict, full) -> None:
 
 
 def _eval_steps(run: Path) -> list[int]:
-    return [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
 
 
-def test_interrupted_and_resumed_counts_what_an_uninterrupted_run_counts(tiny_bert, data, full, tmp_path, monkeypatch, capsys):
+def test_interrupted_and_resumed_counts_what_an_uninterrupted_run_counts(tiny_bert, data, full, tmp_path, monkeypatch,
+                                                                          capsys):
     """Ctrl-C at step 5 (steps 4-5 not logged yet), pressed twice; then a kill between the two renames of a
     checkpoint replacement; the resume counts the samples, tokens and FLOPs an uninterrupted run counts."""
     real_save = Loop.save_interrupt_checkpoint
@@ -98,12 +99,13 @@ def test_interrupted_and_resumed_counts_what_an_uninterrupted_run_counts(tiny_be
 
 
 def test_ctrl_c_while_finishing_leaves_it_interrupted_and_resume_finishes(tiny_bert, data, full, tmp_path, monkeypatch):
-    import slimtune.api as api
+    import slimtune.phases.train as phases_train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "save_adapter", interrupted)  # after fit(): the best weights are loaded, the adapter not saved
+    # after fit(): the best weights are loaded, the adapter not saved
+    monkeypatch.setattr(phases_train, "save_adapter", interrupted)
     with pytest.raises(KeyboardInterrupt):
         slimtune.run(_cfg(tiny_bert, data, tmp_path))
     monkeypatch.undo()
@@ -245,8 +247,8 @@ def test_adalora_adapter_is_the_model_it_was_saved_from(tiny_bert, tmp_path):
             if "lora_E" in n or "lora_B" in n:
                 p.uniform_(0.5, 1.0)
     # the allocator's last choice masked ranks 1 and 3, which have since moved (E no longer zero there)
-    inner.peft_config["default"].rank_pattern = {n: [True, False, True, False] for n, _ in inner.model.named_parameters()
-                                                 if "lora_E.default" in n}
+    inner.peft_config["default"].rank_pattern = {n: [True, False, True, False]
+                                                 for n, _ in inner.model.named_parameters() if "lora_E.default" in n}
     batch = {"input_ids": torch.tensor([[2, 12, 14, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     model.eval()
     want = model(**batch).logits

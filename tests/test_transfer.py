@@ -16,7 +16,7 @@ from conftest import cls_config, sentiment_rows, write_csv
 
 
 def _records(run, kind="train"):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if f'"{kind}"' in l]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if f'"{kind}"' in line]
 
 
 def test_splitter_bert_llama_gpt2_and_fallback(tiny_bert, tiny_llama):
@@ -38,7 +38,8 @@ def test_splitter_bert_llama_gpt2_and_fallback(tiny_bert, tiny_llama):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
     g = split_groups(gpt2)
     assert g.names == ["embeddings", "block.0", "block.1", "block.2", "head"]
-    assert g.of_param["transformer.wpe.weight"] == "embeddings" and g.of_param["transformer.h.2.attn.c_attn.weight"] == "block.2"
+    assert g.of_param["transformer.wpe.weight"] == "embeddings"
+    assert g.of_param["transformer.h.2.attn.c_attn.weight"] == "block.2"
 
     # peft-wrapped: adapters land in their block's group
     from peft import LoraConfig, get_peft_model
@@ -104,19 +105,23 @@ def test_a_new_head_gets_its_own_default_rate(tiny_bert, cls_data, tmp_path):
     res = slimtune.run(cfg)
     rec = _records(res.run_dir)[0]
     assert rec["lr"]["new_head"] == pytest.approx(1e-2) and rec["lr"]["decay"] == pytest.approx(1e-3)
-    assert json.loads((res.run_dir / "param_groups.json").read_text())["lr_multipliers"] == {"new_head": pytest.approx(10.0)}
+    assert (json.loads((res.run_dir / "param_groups.json").read_text())["lr_multipliers"]
+            == {"new_head": pytest.approx(10.0)})
     # with layer decay the top group ("head": the pooler here) keeps its own rate, the new head its 10x
-    cfg = cls_config(tiny_bert, cls_data, tmp_path / "ld", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "ld", max_steps=2, log_every=1, warmup=0, schedule="constant",
+                     lr=1e-3)
     cfg["method"]["targets"] = ["query", "value", "pooler.dense"]
     cfg["train"]["layer_decay"] = 0.5
     rec = _records(slimtune.run(cfg).run_dir)[0]
     assert rec["lr"]["new_head"] == pytest.approx(1e-2) and rec["lr"]["head"] == pytest.approx(1e-3)
     assert rec["lr"]["block.1"] == pytest.approx(5e-4)
-    cfg = cls_config(tiny_bert, cls_data, tmp_path / "one", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "one", max_steps=2, log_every=1, warmup=0, schedule="constant",
+                     lr=1e-3)
     cfg["train"]["head_lr"] = 1e-3  # one rate for all, as asked
     rec = _records(slimtune.run(cfg).run_dir)[0]
     assert rec["lr"]["head"] == pytest.approx(1e-3) and "new_head" not in rec["lr"]
-    cfg = cls_config(tiny_bert, cls_data, tmp_path / "probe", max_steps=2, log_every=1, warmup=0, schedule="constant", lr=1e-3)
+    cfg = cls_config(tiny_bert, cls_data, tmp_path / "probe", max_steps=2, log_every=1, warmup=0,
+                     schedule="constant", lr=1e-3)
     cfg["method"] = {"name": "head-only"}  # the method's lr is the head's: no boost
     rec = _records(slimtune.run(cfg).run_dir)[0]
     assert "new_head" not in rec["lr"] and all(v == pytest.approx(1e-3) for v in rec["lr"].values())
@@ -125,12 +130,17 @@ def test_a_new_head_gets_its_own_default_rate(tiny_bert, cls_data, tmp_path):
 def test_a_run_saved_before_the_head_default_resumes_as_it_started(tiny_bert, cls_data, tmp_path, monkeypatch):
     """A config.yaml without train.spread_duplicates comes from before that option and the fast head: the run
     resumes with one lr for the head and copies not spread, so its checkpoint's optimizer groups still fit."""
+    import dataclasses
+
     import yaml
 
-    from slimtune.tasks import text_classification
+    from slimtune.tasks import TASKS
+    from slimtune.tasks.text_classification import TextClassification
 
     cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=6, log_every=1)
-    monkeypatch.setattr(text_classification, "FAST_NEW_HEAD", False)  # as the code was then
+    no_fast_head = dataclasses.replace(TextClassification.spec, fast_new_head=False)  # as the code was then
+    monkeypatch.setattr(TextClassification, "spec", no_fast_head)  # the task and the registry hold the same spec
+    monkeypatch.setitem(TASKS, "text-classification", no_fast_head)
     with pytest.raises(KeyboardInterrupt):
         slimtune.run(cfg, callbacks=[_Interrupt(3)])
     monkeypatch.undo()
@@ -159,11 +169,12 @@ class _Snapshot:
         self.trainable, self.block0 = {}, {}
 
     def on_step_end(self, loop):
-        m = loop.acc.unwrap_model(loop.model)
+        m = loop.accelerator.unwrap_model(loop.model)
         params = dict(m.named_parameters())
         self.trainable[loop.state["step"]] = sorted({n.split(".layer.")[1].split(".")[0] for n, p in params.items()
                                                      if p.requires_grad and ".layer." in n})
-        self.block0[loop.state["step"]] = {n: p.detach().clone() for n, p in params.items() if ".layer.0." in n and "lora" in n}
+        self.block0[loop.state["step"]] = {n: p.detach().clone() for n, p in params.items()
+                                           if ".layer.0." in n and "lora" in n}
 
 
 def _flipped_eval(tmp_path) -> str:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class _SeeSizes:
@@ -37,7 +37,8 @@ def test_vit_progressive_resizing_cli_predict_eval(tmp_path):
     model = tiny_vit(tmp_path / "vit")
     train = write_image_folder(tmp_path / "train", 24, seed=0)
     test = write_image_folder(tmp_path / "test", 6, seed=1)
-    cfg = image_config(model, str(train), tmp_path / "runs", epochs=8, image_size_schedule=[[0.0, 16], [0.3, 24], [0.6, 32]])
+    cfg = image_config(model, str(train), tmp_path / "runs", epochs=8,
+                       image_size_schedule=[[0.0, 16], [0.3, 24], [0.6, 32]])
     cfg["data"]["test"] = str(test)
     cfg["eval"]["metrics"] = ["accuracy", "macro_f1", "loss", "top2_accuracy"]
 
@@ -74,7 +75,7 @@ def test_vit_progressive_resizing_cli_predict_eval(tmp_path):
     out = runner.invoke(app, ["predict", str(run), "--image", str(imgs[0]), "--image", str(imgs[1]),
                               "--image", str(imgs[2]), "--json"])
     assert out.exit_code == 0, out.output
-    preds = [json.loads(l) for l in out.stdout.splitlines()]
+    preds = [json.loads(line) for line in out.stdout.splitlines()]
     assert [p["label"] for p in preds] == ["vertical", "vertical", "checker"]
     assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-4
     out = runner.invoke(app, ["eval", str(run), "--data", str(test)])
@@ -102,7 +103,7 @@ def test_adapter_loads_with_plain_peft(tmp_path):
         p_plain = plain(pixel_values=torch.from_numpy(x)).logits.softmax(-1)
     ours = slimtune.predict(res.run_dir, files)
     labels = json.loads((res.run_dir / "meta.json").read_text())["labels"]
-    p_ours = torch.tensor([[p["probabilities"][l] for l in labels] for p in ours])
+    p_ours = torch.tensor([[p["probabilities"][label] for label in labels] for p in ours])
     torch.testing.assert_close(p_plain, p_ours, atol=1e-5, rtol=1e-4)
 
 
@@ -128,7 +129,7 @@ def _batchnorm_stats(model) -> list[torch.Tensor]:
 
 class _KeepStats:
     def on_train_end(self, loop):
-        self.stats = _batchnorm_stats(loop.acc.unwrap_model(loop.model))
+        self.stats = _batchnorm_stats(loop.accelerator.unwrap_model(loop.model))
 
 
 @pytest.mark.parametrize("method", [{"name": "lora", "r": 4}, {"name": "bitfit"}, {"name": "last-n-layers", "n": 1},
@@ -175,8 +176,8 @@ class Net(nn.Module):
         # no biases: random biases would swamp the pooled features, and the patterns would look alike (a head
         # then learns nothing in a few steps); without them the random body separates the patterns, as a
         # pretrained one would
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False), nn.ReLU(),
-                                                   nn.Conv2d(8, 8, 1, bias=False)) for i in range(3)])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False),
+                                                   nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False)) for i in range(3)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(8, n)
 
@@ -286,7 +287,8 @@ def test_efficientnet_lite_factory_plain_convs():
     spec = importlib.util.spec_from_file_location("effl", ROOT / "examples" / "efficientnet_lite.py")
     effl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(effl)
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    ref = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         before = ref(x)

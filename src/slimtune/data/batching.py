@@ -19,13 +19,25 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
 
+@dataclass
+class BatchShape:
+    """What the training batches look like right now, written by the schedules and the sampler and read by the
+    collate functions: the max sequence length (train.seq_len_schedule), the image size
+    (train.image_size_schedule) and the epoch (image augmentations are drawn per epoch). None: the full size."""
+
+    max_length: int | None = None
+    image_size: int | None = None
+    epoch: int = 0
+
+
 class LengthGroupedBatches:
-    def __init__(self, lengths, batch_size: int, seed: int, group_by_length: bool = True,
-                 num_replicas: int = 1, rank: int = 0, mega: int = 50, keys=None):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
+                 num_replicas: int = 1, rank: int = 0, mega: int = 50, keys: list | None = None):
         self.lengths = np.asarray(lengths)
         # content keys (equal key = copies of one example): spread copies across batches; None: no spreading
         self.keys = None if keys is None or len(set(keys)) == len(keys) else list(keys)
@@ -37,13 +49,13 @@ class LengthGroupedBatches:
         self.mega = mega
         self.epoch = 0
         self.start = 0
-        self.shared: dict | None = None  # set_epoch writes the epoch here too (read by collate functions)
+        self.shape: BatchShape | None = None  # set_epoch writes the epoch here too (read by collate functions)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch `epoch`, skipping this process's first `start` batches (resume)."""
         self.epoch, self.start = epoch, start
-        if self.shared is not None:
-            self.shared["epoch"] = epoch
+        if self.shape is not None:
+            self.shape.epoch = epoch
 
     def global_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -80,7 +92,7 @@ class LengthGroupedBatches:
         return self.per_rank() - self.start
 
 
-def spread_copies(batches: list[list[int]], keys, lengths=None) -> int:
+def spread_copies(batches: list[list[int]], keys: list, lengths: np.ndarray | None = None) -> int:
     """Swap copies of an example out of a batch that already holds one, in place, with the item of the
     nearest batch (by position in the length order; of that batch, the item closest in length) that
     neither holds that key nor brings a key the first batch has. Never creates a new repeat; returns the
@@ -113,7 +125,16 @@ def spread_copies(batches: list[list[int]], keys, lengths=None) -> int:
     return swaps
 
 
-def eval_batches(lengths, batch_size: int) -> list[list[int]]:
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches of similar length (order does not matter for metrics, padding does)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def content_keys(examples: list[dict]) -> list[int] | None:
+    """Equal keys for copies of one tokenized example (tokens and labels), so that length grouping can
+    spread them over batches; None for examples without tokens (images: equal length anyway)."""
+    if not examples or "input_ids" not in examples[0]:
+        return None
+    return [hash((tuple(e["input_ids"]), tuple(e["labels"]) if isinstance(e.get("labels"), list) else e.get("labels")))
+            for e in examples]

@@ -1,7 +1,7 @@
-"""Callbacks: features hook into the loop through a small closed set of events.
+"""Callbacks: features hook into the loop through a small closed set of events (`Callback`'s methods).
 
-Events: on_train_begin(loop), on_optimizer_step(loop) (after the step, before the
-gradients are cleared), on_step_end(loop), on_eval_end(loop, metrics), on_train_end(loop). Stopping is an exception (`StopTraining`), not a flag.
+Stopping is an exception (`StopTraining`), not a flag. User callbacks passed to `run(callbacks=...)` may be
+plain objects with any subset of the events; slimtune's own derive from `Callback`.
 
 A callback that keeps training state of its own (AdaLoRA's rank allocator) sets `state_key` and has
 `state_dict(loop) -> (tensors, JSON data)` and `load_state_dict(loop, that pair or None)`: checkpoints/last
@@ -9,6 +9,47 @@ holds it as `<state_key>.safetensors` + `<state_key>.json` and a resume gives it
 written before the callback had state).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
+    from .loop import Loop
+
+EVENTS = ("on_train_begin", "on_optimizer_step", "on_step_end", "on_eval_end", "on_test_end", "on_train_end")
+
+
+class Callback:
+    """No-op events; a subclass overrides those it needs.
+
+    A callback that keeps training state of its own sets `state_key` and overrides state_dict / load_state_dict."""
+
+    state_key: str | None = None
+
+    def state_dict(self, loop: Loop) -> tuple[dict, dict]:
+        """(tensors, JSON data) for checkpoints/last."""
+        return {}, {}
+
+    def load_state_dict(self, loop: Loop, saved: tuple[dict, dict] | None) -> None:
+        """What state_dict saved, or None for a checkpoint written before the callback had state."""
+
+    def on_train_begin(self, loop: Loop) -> None:
+        """Before the first step (also of a resumed run)."""
+
+    def on_optimizer_step(self, loop: Loop) -> None:
+        """After an optimizer step, before the gradients are cleared (AdaLoRA reads them)."""
+
+    def on_step_end(self, loop: Loop) -> None:
+        """After an optimizer step and its logging, before a due evaluation."""
+
+    def on_eval_end(self, loop: Loop, metrics: dict) -> None:
+        """After an evaluation and its checkpoints."""
+
+    def on_test_end(self, loop: Loop, metrics: dict) -> None:
+        """After the test split was evaluated with the best weights (the run's finish)."""
+
+    def on_train_end(self, loop: Loop) -> None:
+        """After the last step and its evaluation."""
 
 
 class StopTraining(Exception):
@@ -27,21 +68,43 @@ class PruneTraining(StopTraining):
     status = "pruned"
 
 
-class EarlyStopping:
+class EarlyStopping(Callback):
     def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience = patience
         self.min_delta = min_delta
 
-    def on_eval_end(self, loop, metrics: dict) -> None:
-        if loop.state["evals_since_best"] >= self.patience:
+    def on_eval_end(self, loop: Loop, metrics: dict) -> None:
+        state = loop.state
+        if state.evals_since_best >= self.patience:
             raise StopTraining(
-                f"early stopping: {loop.monitor} did not improve by more than {self.min_delta} for {self.patience} evaluations "
-                f"(best {loop.state['best_value']:.4f} at step {loop.state['best_step']})"
+                f"early stopping: {loop.monitor} did not improve by more than {self.min_delta} for {self.patience} "
+                f"evaluations (best {state.best_value:.4f} at step {state.best_step})"
             )
 
 
-def fire(callbacks, event: str, *args) -> None:
+def fire(callbacks: list, event: str, *args) -> None:
+    """Call `event` on every callback that has it (a user's plain object may have only some)."""
+    assert event in EVENTS, event
     for cb in callbacks:
         fn = getattr(cb, event, None)
         if fn is not None:
             fn(*args)
+
+
+class MethodStep(Callback):
+    """A method's per-step hook (AdaLoRA's rank allocation) as a loop callback; the state the hook keeps
+    (the method's `save_state` / `load_state`) goes into checkpoints/last as the loop's `method` part."""
+
+    def __init__(self, method: Method):
+        self.method = method
+        if method.save_state:
+            self.state_key = "method"
+
+    def on_optimizer_step(self, loop: Loop) -> None:
+        self.method.on_optimizer_step(loop.accelerator.unwrap_model(loop.model), loop.state.step)
+
+    def state_dict(self, loop: Loop) -> tuple[dict, dict]:
+        return self.method.save_state(loop.accelerator.unwrap_model(loop.model))
+
+    def load_state_dict(self, loop: Loop, saved: tuple[dict, dict] | None) -> None:
+        self.method.load_state(loop.accelerator.unwrap_model(loop.model), saved, loop.state.step)
