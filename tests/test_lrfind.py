@@ -50,7 +50,8 @@ def test_suggestion_is_the_steepest_descent_of_the_smoothed_loss(center):
     s = suggest(lrs, losses)
     assert s.rule == RULE and s.reliable and "steepest descent" in s.rule
     assert abs(math.log10(s.lr) - math.log10(center)) < 0.2, (s.lr, center)  # within a factor 1.6
-    # a one-sided (lagging) EMA, written out here, would put the steepest point at a higher lr; the zero-lag one does not
+    # a one-sided (lagging) EMA, written out here, would put the steepest point at a higher lr;
+    # the zero-lag one does not
     import numpy as np
 
     avg, lagging = 0.0, []
@@ -75,7 +76,7 @@ def test_divergence_stops_the_range_test():
     lrs = lr_schedule(1e-7, 10.0, 200)
     losses = synthetic_curve(lrs)
     mon = DivergenceMonitor()
-    stop = next(i for i, l in enumerate(losses) if mon.update(l))
+    stop = next(i for i, loss in enumerate(losses) if mon.update(loss))
     assert 0.05 < lrs[stop] < 10.0  # after the loss starts to blow up, before the end
     assert DivergenceMonitor().update(float("nan"))
     # the suggestion from what was recorded up to the stop
@@ -115,8 +116,11 @@ def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path, tra
     test, seen = RangeTest(lrs), _LrSeen()
     data = range_config(cfg, 30, 1e-4, str(tmp_path / "tmp"))
     assert data["train"]["schedule"] == "constant" and data["data"]["test"] is None and "sweep" not in data
-    slimtune.run(data, callbacks=[test, seen])
+    result = slimtune.run(data, callbacks=[test, seen])
     n = len(test.losses)
+    # the losses recorded are the ones the loop logged, step by step
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert test.losses == [r["loss"] for r in records if r["type"] == "train"][:n]
     m = min(n, len(seen.lrs))  # the range test may end the run at the last step, before _LrSeen sees it
     assert n >= 10 and m >= n - 1
     # what the optimizer really used: the schedule, 1e-4 x (1e4)^(i/29) at step i; and each loss is recorded with it
@@ -128,7 +132,7 @@ def test_range_test_sets_the_lr_of_every_step(tiny_bert, cls_data, tmp_path, tra
     ratios = [[x / min(row) for x in row] for row in seen.lrs]
     assert len(ratios[0]) > 1 and all(r == pytest.approx(ratios[0]) for r in ratios)
     assert sorted(set(round(x, 6) for x in ratios[0])) == mults
-    assert all(math.isfinite(l) for l in test.losses[:5])
+    assert all(math.isfinite(loss) for loss in test.losses[:5])
 
 
 def test_lr_find_cli_writes_plot_and_applied_config_only(tiny_bert, cls_data, tmp_path):

@@ -2,6 +2,7 @@
 sweep resumed, two local workers on one SQLite study, two workers on a real PostgreSQL server."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -23,6 +24,7 @@ from slimtune.config import ConfigError, load_config
 from slimtune.sweep.space import SweepConfig, trial_config
 
 from conftest import cls_config
+from sweep_plans import sweep_plan
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -56,19 +58,23 @@ def test_space_parses_ranges_and_choices():
     # a trial's config: the base with the values set, the sweep section gone
     trial = trial_config(cfg.model_dump(mode="json", exclude_unset=True),
                          {"train.lr": 3e-4, "method.r": 16, "method.targets": ["query", "value"]})
-    assert "sweep" not in trial and trial["train"]["lr"] == 3e-4 and trial["method"] == {"r": 16, "targets": ["query", "value"]}
+    assert "sweep" not in trial and trial["train"]["lr"] == 3e-4
+    assert trial["method"] == {"r": 16, "targets": ["query", "value"]}
     assert load_config(trial).method.r == 16
 
 
 @pytest.mark.parametrize("params, expected", [
-    ({"train.lrr": {"low": 1e-5, "high": 1e-3}}, "'train.lrr' is not a config key; accepted keys in train: train.epochs"),
+    ({"train.lrr": {"low": 1e-5, "high": 1e-3}},
+     "'train.lrr' is not a config key; accepted keys in train: train.epochs"),
     ({"trian.lr": [1e-4]}, "'trian.lr' is not a config key; accepted sections: model, data, method, train"),
     ({"method.rank": [4, 8]}, "'method.rank' is not an option of method lora; accepted: method.alpha"),
-    ({"train.early_stopping": [1, 2]}, "'train.early_stopping' is a section; sweep one of its keys: train.early_stopping.patience"),
+    ({"train.early_stopping": [1, 2]},
+     "'train.early_stopping' is a section; sweep one of its keys: train.early_stopping.patience"),
     ({"output.dir": ["a", "b"]}, "'output.dir' cannot be swept"),
     ({"train.lr": {"low": 1e-3, "high": 1e-5}}, "sweep.params.train.lr: low (0.001) must be below high (1e-05)"),
     ({"train.lr": {"low": 1e-3, "high": 1e-3}}, "low (0.001) must be below high (0.001)"),
-    ({"train.lr": {"low": 0.0, "high": 1e-3, "log": True}}, "sweep.params.train.lr: a log range needs low > 0, got low=0.0"),
+    ({"train.lr": {"low": 0.0, "high": 1e-3, "log": True}},
+     "sweep.params.train.lr: a log range needs low > 0, got low=0.0"),
     ({"method.r": []}, "sweep.params.method.r: [] is not accepted: `choices` is empty"),
     ({"method.r": {"low": 4}}, "a range needs both `low` and `high`"),
     ({"method.r": {"low": 2.5, "high": 8, "type": "int"}}, "an int range needs whole numbers: low=2.5"),
@@ -76,7 +82,8 @@ def test_space_parses_ranges_and_choices():
     ({"train.warmup": {"low": -1, "high": 3}}, "sweep.params.train.warmup: the value -1 is not accepted"),
     ({"train.schedule": ["linear", "cosinus"]}, "the value 'cosinus' is not accepted"),
     ({"method.name": ["lora", "no-such-method"]}, "['no-such-method'] are not methods; accepted: lora"),
-    ({"train.lr": {"low": 1e-5, "high": 1e-3, "log": True, "step": 1e-5}}, "`step` cannot be combined with `log: true`"),
+    ({"train.lr": {"low": 1e-5, "high": 1e-3, "log": True, "step": 1e-5}},
+     "`step` cannot be combined with `log: true`"),
     ({"train.lr": {"low": 1e-5, "high": 1e-3, "choices": [1]}}, "give either `choices` or a range"),
 ])
 def test_space_rejects_bad_keys_and_ranges(params, expected):
@@ -86,7 +93,8 @@ def test_space_rejects_bad_keys_and_ranges(params, expected):
 def test_sweep_section_errors():
     assert "the search space is empty" in space_error({})
     assert "no budget" in space_error({"method.r": [4]}, trials=None)
-    assert "needs a `step` for the grid sampler" in space_error({"train.lr": {"low": 1e-5, "high": 1e-3}}, sampler="grid")
+    assert "needs a `step` for the grid sampler" in space_error({"train.lr": {"low": 1e-5, "high": 1e-3}},
+                                                                sampler="grid")
     msg = space_error({"train.lr": [1e-4]}, pruner="asha")
     assert "sweep.pruner" in msg and "successive-halving" in msg
     # slimtune run takes a config with a sweep section (and ignores it); validate checks the space too
@@ -120,7 +128,8 @@ def study_trials(sweep_dir: Path, url: str | None = None, name: str | None = Non
     import optuna
 
     url = url or f"sqlite:///{sweep_dir / 'study.db'}"
-    return sorted(optuna.load_study(study_name=name or sweep_dir.name, storage=url).get_trials(), key=lambda t: t.number)
+    return sorted(optuna.load_study(study_name=name or sweep_dir.name, storage=url).get_trials(),
+                  key=lambda t: t.number)
 
 
 def check_trials_consistent(trials, sweep_dir: Path | None = None) -> None:
@@ -134,7 +143,8 @@ def check_trials_consistent(trials, sweep_dir: Path | None = None) -> None:
         if sweep_dir is not None:
             assert run.parent == sweep_dir / "trials"
         saved = yaml.safe_load((run / "config.yaml").read_text())
-        assert saved["train"]["lr"] == pytest.approx(t.params["train.lr"]) and saved["method"]["r"] == t.params["method.r"]
+        assert saved["train"]["lr"] == pytest.approx(t.params["train.lr"])
+        assert saved["method"]["r"] == t.params["method.r"]
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == {"COMPLETE": "completed", "PRUNED": "pruned"}[t.state.name]
         if t.state.name == "COMPLETE":
@@ -181,14 +191,16 @@ def test_sweep_prunes_survives_a_kill_and_writes_a_runnable_best_config(tiny_ber
 
     # 3. the sweep folder: table, summary, best config, plots
     rows = (sweep_dir / "trials.csv").read_text().splitlines()
-    assert rows[0].startswith("number,state,loss,train.lr,method.r,evals,pruned_at_eval,seconds") and len(rows) == 1 + len(trials)
+    assert rows[0].startswith("number,state,loss,train.lr,method.r,evals,pruned_at_eval,seconds")
+    assert len(rows) == 1 + len(trials)
     summary = json.loads((sweep_dir / "summary.json").read_text())
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert summary["best"]["trial"] == best.number and summary["direction"] == "minimize"
     assert summary["counts"]["fail"] == 1 and summary["storage"].startswith("sqlite:///")
     for plot in ("history", "parallel", "intermediate"):
         assert (sweep_dir / f"{plot}.png").stat().st_size > 1000, summary["plots"]
-    assert (sweep_dir / "importances.png").exists() or "importances.png skipped" in (sweep_dir / "plots.txt").read_text()
+    assert ((sweep_dir / "importances.png").exists()
+            or "importances.png skipped" in (sweep_dir / "plots.txt").read_text())
     assert f"trial {best.number}" in (sweep_dir / "best.yaml").read_text()
     best_cfg = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert "sweep" not in best_cfg and best_cfg["train"]["lr"] == pytest.approx(best.params["train.lr"])
@@ -304,7 +316,7 @@ def test_budget_counts_finished_trials_across_workers(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=make_storage(url), study_name="s", direction="maximize")
     dist = {"train.lr": FloatDistribution(1e-5, 1e-3, log=True)}
-    plan = {"storage": url, "budget": 3, "deadline": None}
+    plan = sweep_plan(storage=url, budget=3, deadline=None)
     study.add_trial(create_trial(params={"train.lr": 1e-4}, distributions=dist, value=0.5))
     study.add_trial(create_trial(params={"train.lr": 2e-4}, distributions=dist, state=TrialState.PRUNED, value=0.4))
     assert next_move(study, plan) == "run"
@@ -312,7 +324,7 @@ def test_budget_counts_finished_trials_across_workers(tmp_path):
     study._storage.set_trial_user_attr(running._trial_id, "host", HOST)
     study._storage.set_trial_user_attr(running._trial_id, "pid", os.getpid())
     assert next_move(study, plan) == "wait"
-    assert next_move(study, {**plan, "deadline": time.time() - 1}) == "done"
+    assert next_move(study, dataclasses.replace(plan, deadline=time.time() - 1)) == "done"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     study._storage.set_trial_user_attr(running._trial_id, "pid", int(dead.stdout))  # its worker died
     assert next_move(study, plan) == "run"
@@ -345,8 +357,9 @@ def test_no_pruning_during_the_trials_lr_warmup():
     """A trial is reported at every evaluation but only judged once its own warmup is over."""
     from types import SimpleNamespace
 
-    from slimtune.sweep.worker import PruningCallback
+    from slimtune.sweep.trial import PruningCallback
     from slimtune.train.callbacks import PruneTraining
+    from slimtune.train.state import TrainState
 
     class Trial:
         def __init__(self):
@@ -360,15 +373,15 @@ def test_no_pruning_during_the_trials_lr_warmup():
 
     trial = Trial()
     cb = PruningCallback(trial)
-    loop = SimpleNamespace(state={"step": 0}, total_steps=100, warmup=30, monitor="accuracy")
+    loop = SimpleNamespace(state=TrainState(), plan=SimpleNamespace(total_steps=100, warmup=30), monitor="accuracy")
     for step in (10, 20, 30):  # inside the warmup: reported, never pruned
-        loop.state["step"] = step
+        loop.state.step = step
         cb.on_eval_end(loop, {"accuracy": 0.5})
     assert [s for s, _ in trial.reports] == [1, 2, 3]
-    loop.state["step"] = 40
+    loop.state.step = 40
     with pytest.raises(PruneTraining, match="evaluation 4"):
         cb.on_eval_end(loop, {"accuracy": 0.5})
-    loop.state["step"] = 100  # the last evaluation is never pruned
+    loop.state.step = 100  # the last evaluation is never pruned
     PruningCallback(trial).on_eval_end(loop, {"accuracy": 0.5})
 
 
@@ -376,9 +389,10 @@ def test_prune_on_reports_another_metric_in_the_studys_sense():
     """sweep.prune_on: the pruner sees eval loss (negated for a maximizing study); the objective is unchanged."""
     from types import SimpleNamespace
 
+    from slimtune.sweep.trial import PruningCallback
     from slimtune.sweep.worker import intermediate_label
-    from slimtune.sweep.worker import PruningCallback
     from slimtune.train.callbacks import PruneTraining
+    from slimtune.train.state import TrainState
 
     class Trial:
         def __init__(self):
@@ -390,7 +404,8 @@ def test_prune_on_reports_another_metric_in_the_studys_sense():
         def should_prune(self):
             return len(self.reports) > 1
 
-    loop = SimpleNamespace(state={"step": 50}, total_steps=100, warmup=0, monitor="accuracy")
+    loop = SimpleNamespace(state=TrainState(step=50), plan=SimpleNamespace(total_steps=100, warmup=0),
+                           monitor="accuracy")
     trial = Trial()
     cb = PruningCallback(trial, metric="loss", maximize=True)
     cb.on_eval_end(loop, {"accuracy": 0.5, "loss": 0.7})
@@ -407,9 +422,9 @@ def test_prune_on_reports_another_metric_in_the_studys_sense():
     PruningCallback(t2, tiebreak="loss").on_eval_end(loop, {"accuracy": 0.5, "loss": 0.6})
     PruningCallback(t3, tiebreak="loss").on_eval_end(loop, {"accuracy": 0.5 + 1 / 1000, "loss": 100.0})
     assert t1.reports[0] < t2.reports[0] < 0.5 < t3.reports[0]
-    plan = {"sweep": {"prune_on": "loss"}, "monitor": "accuracy", "direction": "maximize"}
+    plan = sweep_plan({"prune_on": "loss"}, monitor="accuracy", direction="maximize")
     assert intermediate_label(plan) == "-loss (pruning)"
-    assert intermediate_label({**plan, "sweep": {"prune_on": None}}) == "accuracy"
+    assert intermediate_label(sweep_plan(monitor="accuracy", direction="maximize")) == "accuracy"
     from slimtune.sweep.worker import trial_line
 
     pruned = SimpleNamespace(number=3, params={"train.lr": 1e-3}, state=SimpleNamespace(name="PRUNED"), last_step=2,

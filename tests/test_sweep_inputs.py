@@ -3,7 +3,9 @@ under output.dir, a storage password that no file holds, warnings instead of sil
 for the user's errors (a bug keeps its traceback)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,10 @@ from slimtune.config import ConfigError, load_config
 from slimtune.methods import REGISTRY
 from slimtune.sweep.space import sweep_base, trial_config
 from slimtune.sweep.storage import STORAGE_ENV, is_masked, mask_url
-from slimtune.sweep.worker import SweepError
+from slimtune.sweep.plan import SweepError, SweepPlan
 
 from conftest import cls_config
+from sweep_plans import sweep_plan
 
 runner = CliRunner(env={"COLUMNS": "200"})
 TRAIN_DEFAULT_LR = 5e-4  # TrainConfig.lr: the LoRA family's rate (lora has no default_lr of its own)
@@ -129,9 +132,16 @@ def test_plan_file_holds_the_masked_url_and_workers_get_the_real_one(tmp_path, m
             return 0
 
     monkeypatch.setattr(study.subprocess, "Popen", Proc)
-    study._run_processes({"storage": real, "threads": 1}, 2, tmp_path, print)
+    plan = sweep_plan(storage=real, threads=1)
+    study._run_processes(plan, 2, tmp_path, print)
     assert "S3cret-pw" not in seen["plan"] and json.loads(seen["plan"])["storage"] == "postgresql://slim:***@db.example/optuna"
     assert seen["env"][STORAGE_ENV] == real
+    # the file's keys are the ones plan files always had; a worker reads back the plan it was given
+    assert list(json.loads(seen["plan"])) == ["sweep_dir", "sweep_name", "study_name", "storage", "base", "sweep",
+                                              "monitor", "direction", "budget", "deadline", "seed", "threads",
+                                              "parent_pid"]
+    read = SweepPlan.from_dict(json.loads(seen["plan"]))
+    assert read == dataclasses.replace(plan, storage=mask_url(real), parent_pid=os.getpid())
     # a worker process: the real URL from its environment, or a clear error without it
     monkeypatch.setenv(STORAGE_ENV, real)
     assert worker.run_time_url(mask_url(real)) == real
@@ -179,7 +189,8 @@ def test_no_file_of_a_sweep_holds_the_storage_password(tiny_bert, cls_data, tmp_
         saved = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
         name = saved["method"]["name"]
         assert saved["model"]["name"] == tiny_bert  # `model: <id>` is written out as model.name
-        assert saved["train"]["lr"] == pytest.approx({"lora": TRAIN_DEFAULT_LR, "ia3": REGISTRY["ia3"].default_lr}[name])
+        assert saved["train"]["lr"] == pytest.approx({"lora": TRAIN_DEFAULT_LR,
+                                                      "ia3": REGISTRY["ia3"].default_lr}[name])
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["sweep"]["storage"] == mask_url(real)
     assert json.loads((sweep_dir / "summary.json").read_text())["storage"] == mask_url(real)
 
@@ -209,7 +220,7 @@ def test_a_failed_trials_table_write_is_said(tmp_path):
 
     (tmp_path / "trials.csv").mkdir()  # the write cannot replace a folder
     lines = []
-    update_table(Study(), {"sweep_dir": str(tmp_path), "monitor": "loss", "sweep": {"params": {}}}, lines.append)
+    update_table(Study(), sweep_plan(sweep_dir=tmp_path, monitor="loss"), lines.append)
     assert len(lines) == 1
     assert f"{tmp_path / 'trials.csv'} was not updated (IsADirectoryError" in lines[0] and "warning" in lines[0]
 
@@ -217,14 +228,16 @@ def test_a_failed_trials_table_write_is_said(tmp_path):
 @pytest.mark.parametrize("command", ["sweep", "lr-find"])
 def test_cli_reports_user_errors_and_keeps_a_bugs_traceback(command, tmp_path, monkeypatch):
     import slimtune.sweep as sweep_pkg
+    from slimtune.errors import InputNotFound
     from slimtune.methods import MethodError
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(small()))
     attr = "sweep" if command == "sweep" else "lr_find"
-    for exc, code in ((ConfigError("bad key x"), 2), (SweepError("3 trials in a row failed"), 2),
-                      (MethodError("method ia3: found no key layers"), 2), (FileNotFoundError("no such file t.csv"), 2),
-                      (ValueError("a bug"), 1), (TypeError("another bug"), 1)):
+    user_errors = (ConfigError("bad key x"), SweepError("3 trials in a row failed"),
+                   MethodError("method ia3: found no key layers"), InputNotFound("no such file t.csv"))
+    bugs = (FileNotFoundError("a bug's missing file"), ValueError("a bug"), TypeError("another bug"))
+    for exc, code in [(e, 2) for e in user_errors] + [(e, 1) for e in bugs]:
         def boom(*args, **kwargs):
             raise exc
 
@@ -249,9 +262,39 @@ def test_sweep_options_are_checked_like_the_file(tmp_path, monkeypatch):
 
     monkeypatch.delenv(STORAGE_ENV, raising=False)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(small(output={"dir": str(tmp_path / "runs")}, sweep={"params": {"train.lr": [1e-4]}})))
+    cfg.write_text(yaml.safe_dump(small(output={"dir": str(tmp_path / "runs")},
+                                        sweep={"params": {"train.lr": [1e-4]}})))
     with pytest.raises(ConfigError, match="sweep.timeout_minutes: -1.0 is not accepted"):
         sweep(cfg, timeout_minutes=-1.0)
     with pytest.raises(ConfigError, match="'nota url' is not a database URL; accepted: sqlite:///"):
         sweep(cfg, storage="nota url")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_users_error_ends_the_sweep_and_a_bug_fails_its_trial(tmp_path, monkeypatch):
+    """A trial that raises a SlimtuneError (the user's to fix) is recorded and ends the sweep; any other exception
+    fails that trial alone, with its type and message on the trial."""
+    import optuna
+
+    import slimtune.runner
+    from slimtune.errors import DataError
+    from slimtune.sweep.engine import make_storage
+    from slimtune.sweep.trial import Objective
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=make_storage(url), study_name="s", direction="minimize")
+    plan = sweep_plan(storage=url, sweep_dir=tmp_path, base=small())
+    started = []
+    for error, fatal in ((ValueError("a bug"), False), (FileNotFoundError("a bug's missing file"), False),
+                         (DataError("train.csv: no column 'text'"), True)):
+        def fail(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(slimtune.runner, "run", fail)
+        objective = Objective(plan, 0, on_start=lambda: started.append(True))
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        trial = study.trials[-1]
+        assert trial.state.name == "FAIL" and trial.user_attrs["error"] == f"{type(error).__name__}: {error}"
+        assert trial.user_attrs["run_dir"] == str(tmp_path / "trials" / f"trial-{trial.number:04d}")
+        assert (objective.fatal is error) == fatal
+    assert started == [True, True, True]

@@ -20,6 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..train.loop import Loop
 
 BETA = 0.8  # smoothing of the per-step loss (an EMA over about 5 steps, run both ways)
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
@@ -32,8 +39,6 @@ FALLBACK_RULE = ("the lr of the lowest smoothed loss / 10, within the tested ran
 
 def lr_schedule(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates growing geometrically from start to end (both included)."""
-    from ..config import ConfigError  # bad options are the user's to change: `error: ...`, not a traceback
-
     if not (0 < start < end):
         raise ConfigError(f"lr-find needs 0 < start_lr < end_lr, got {start} and {end}")
     if steps < 5:
@@ -87,8 +92,6 @@ def suggest(lrs: list[float], losses: list[float], beta: float = BETA) -> Sugges
     """The suggested lr for a recorded range test (see RULE)."""
     import numpy as np
 
-    from ..config import ConfigError
-
     n = min(len(lrs), len(losses))
     n = next((i for i in range(n) if not math.isfinite(losses[i])), n)  # up to the first non-finite loss
     if n < 5:
@@ -121,37 +124,31 @@ class RangeTest:
         self.recorded_lrs: list[float] = []
         self.losses: list[float] = []
         self.monitor = DivergenceMonitor()
-        self.stopped = None
-        self._loss = None
+        self.stopped: str | None = None
+        self.scales: list[float] = []
 
-    def _set(self, loop, k: int) -> None:
-        for g, scale in zip(loop.optimizer.param_groups, self.scales):
-            g["base_lr"] = self.lrs[k] * scale
+    def _set(self, loop: Loop, k: int) -> None:
+        for group, scale in zip(loop.optimizer.param_groups, self.scales):
+            group["base_lr"] = self.lrs[k] * scale
 
-    def on_train_begin(self, loop) -> None:
+    def on_train_begin(self, loop: Loop) -> None:
         # groups may have their own multipliers (LoRA+, layer decay): keep them relative to train.lr
-        self.scales = [g["base_lr"] / self.lrs[0] for g in loop.optimizer.param_groups]
+        self.scales = [group["base_lr"] / self.lrs[0] for group in loop.optimizer.param_groups]
         self._set(loop, 0)
-        log = loop.run.log
 
-        def tap(record: dict) -> None:  # the loop logs every step's loss (log_every=1)
-            if record.get("type") == "train":
-                self._loss = record["loss"]
-            log(record)
-
-        loop.run.log = tap
-
-    def on_step_end(self, loop) -> None:
+    def on_step_end(self, loop: Loop) -> None:
         from ..train.callbacks import StopTraining
 
-        k = loop.state["step"]  # steps done; step k ran at lrs[k - 1]
-        if self._loss is None:
+        k = loop.state.step  # steps done; step k ran at lrs[k - 1]
+        record = loop.last_train_record  # the loop logs every step's loss (log_every=1) before on_step_end
+        if record is None or record["step"] != k:
             return
-        loss, self._loss = float(self._loss), None
+        loss = float(record["loss"])
         self.recorded_lrs.append(self.lrs[k - 1])
         self.losses.append(loss)
         if self.monitor.update(loss):
-            self.stopped = f"lr-find: the loss diverged at lr {self.lrs[k - 1]:.3g} (smoothed loss > {DIVERGE:g}x its minimum)"
+            self.stopped = (f"lr-find: the loss diverged at lr {self.lrs[k - 1]:.3g} "
+                            f"(smoothed loss > {DIVERGE:g}x its minimum)")
             raise StopTraining(self.stopped)
         if k < len(self.lrs):
             self._set(loop, k)
@@ -172,7 +169,7 @@ class LRFindResult:
     note: str = ""
 
 
-def range_config(base: dict, steps: int, start_lr: float, out_dir: str) -> dict:
+def range_config(base: dict[str, Any], steps: int, start_lr: float, out_dir: str) -> dict[str, Any]:
     """The run that the test trains: constant lr (set per step by RangeTest), loss logged every step,
     one small evaluation at the end, no test set, no checkpoints, in a temporary folder."""
     import copy
@@ -193,27 +190,23 @@ def range_config(base: dict, steps: int, start_lr: float, out_dir: str) -> dict:
     d["test"] = None
     d["max_eval_samples"] = min(d.get("max_eval_samples") or 64, 64)
     data["output"] = {**(data.get("output") or {}), "dir": out_dir, "name": "lr-find", "save_checkpoints": False}
-    from ..config import RunConfig
-
-    track = RunConfig.model_fields.get("track")  # the throwaway run is not indexed, measured or logged anywhere
-    fields = getattr(track.annotation, "model_fields", {}) if track is not None else {}
-    off = {k: False for k in ("index", "energy", "mlflow", "tensorboard") if k in fields}
-    if off:
-        data["track"] = {**(data.get("track") or {}), **off}
+    # the throwaway run is not indexed, measured or logged anywhere
+    data["track"] = {**(data.get("track") or {}), "index": False, "energy": False, "mlflow": False,
+                     "tensorboard": False}
     return data
 
 
-def lr_find(config, overrides: list[str] | None = None, *, steps: int = 100, start_lr: float = 1e-7,
-            end_lr: float = 1.0, out: str | Path | None = None, apply: bool = False) -> LRFindResult:
+def lr_find(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, steps: int = 100,
+            start_lr: float = 1e-7, end_lr: float = 1.0, out: str | Path | None = None,
+            apply: bool = False) -> LRFindResult:
     """Run the LR range test for a config; returns the suggestion and writes the plot (see module doc)."""
-    from .. import api
-    from ..config import ConfigError, load_config
+    from ..config import load_config
+    from ..runner import run
     from ..track import atomic
+    from .space import sweep_base
 
     cfg = load_config(config, overrides)
     lrs = lr_schedule(start_lr, end_lr, steps)
-    from .space import sweep_base
-
     base = sweep_base(cfg)
     out_dir = Path(out) if out is not None else Path(cfg.output.dir) / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "summary.json").exists() or (out_dir / "adapter").exists():
@@ -223,26 +216,26 @@ def lr_find(config, overrides: list[str] | None = None, *, steps: int = 100, sta
     tmp = tempfile.mkdtemp(prefix="slimtune-lr-find-")
     test = RangeTest(lrs)
     try:
-        api.run(range_config(base, steps, start_lr, tmp), callbacks=[test])
+        run(range_config(base, steps, start_lr, tmp), callbacks=[test])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    s = suggest(test.recorded_lrs, test.losses)
+    found = suggest(test.recorded_lrs, test.losses)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot = _plot(test.recorded_lrs, test.losses, s, out_dir / "lr_find.png")
-    applied = _apply(Path(config), overrides, s.lr) if apply else None
-    result = LRFindResult(s.lr, s.rule, test.recorded_lrs, test.losses, s.smoothed, s.lr_min_div10, out_dir, plot,
-                          applied, test.stopped, s.note)
+    plot = _plot(test.recorded_lrs, test.losses, found, out_dir / "lr_find.png")
+    applied = _apply(Path(config), overrides, found.lr) if apply else None
+    result = LRFindResult(found.lr, found.rule, test.recorded_lrs, test.losses, found.smoothed, found.lr_min_div10,
+                          out_dir, plot, applied, test.stopped, found.note)
     atomic.write_json(out_dir / "lr_find.json", {
-        "suggestion": s.lr, "rule": s.rule, "lr_min_div10": s.lr_min_div10, "reliable": s.reliable, "note": s.note,
-        "stopped": test.stopped, "start_lr": start_lr, "end_lr": end_lr, "steps_planned": steps,
+        "suggestion": found.lr, "rule": found.rule, "lr_min_div10": found.lr_min_div10, "reliable": found.reliable,
+        "note": found.note, "stopped": test.stopped, "start_lr": start_lr, "end_lr": end_lr, "steps_planned": steps,
         "steps_run": len(test.losses), "config": str(config) if isinstance(config, (str, Path)) else None,
         "overrides": list(overrides or []), "applied_config": str(applied) if applied else None,
-        "lrs": test.recorded_lrs, "losses": test.losses, "smoothed": s.smoothed,
+        "lrs": test.recorded_lrs, "losses": test.losses, "smoothed": found.smoothed,
     })
     return result
 
 
-def _plot(lrs, losses, s: Suggestion, path: Path) -> Path | None:
+def _plot(lrs: list[float], losses: list[float], found: Suggestion, path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -252,18 +245,18 @@ def _plot(lrs, losses, s: Suggestion, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(lrs, losses, color="0.75", lw=1, label="loss per step")
-    ax.plot(lrs[:len(s.smoothed)], s.smoothed, color="C0", lw=2, label="smoothed")
-    ax.axvline(s.lr, color="C3", ls="--", label=f"suggested lr {s.lr:.2e}")
-    ax.axvline(s.lr_min_div10, color="C2", ls=":", label=f"min / 10: {s.lr_min_div10:.2e}")
+    ax.plot(lrs[:len(found.smoothed)], found.smoothed, color="C0", lw=2, label="smoothed")
+    ax.axvline(found.lr, color="C3", ls="--", label=f"suggested lr {found.lr:.2e}")
+    ax.axvline(found.lr_min_div10, color="C2", ls=":", label=f"min / 10: {found.lr_min_div10:.2e}")
     ax.set_xscale("log")
-    lo = min(s.smoothed)
-    ref = max(s.smoothed[: s.smoothed.index(lo) + 1])  # the descending part; the blow-up is cut off
+    lo = min(found.smoothed)
+    ref = max(found.smoothed[: found.smoothed.index(lo) + 1])  # the descending part; the blow-up is cut off
     span = max(ref - lo, 0.05 * abs(lo), 1e-6)
     ax.set_ylim(lo - 0.15 * span, ref + span)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
-    ax.set_title("LR range test: " + ("steepest descent of the smoothed loss" if s.rule == RULE else "min / 10 (fallback)"),
-                 fontsize=10)
+    rule = "steepest descent of the smoothed loss" if found.rule == RULE else "min / 10 (fallback)"
+    ax.set_title(f"LR range test: {rule}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

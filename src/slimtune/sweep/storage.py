@@ -37,6 +37,11 @@ def is_masked(url: str) -> bool:
     return _MASKED.search(url) is not None
 
 
+def is_sqlite(url: str) -> bool:
+    """SQLite is one machine's storage: a trial's process id there says whether its worker still runs."""
+    return url.startswith("sqlite:")
+
+
 def storage_url(saved: str | None, given: str | None = None) -> str | None:
     """The storage URL to connect to: `given` (--storage), else $SLIMTUNE_SWEEP_STORAGE, else the config's
     sweep.storage; None: SQLite in the sweep folder. Only its masked form is ever written (sweep.yaml, the plan

@@ -17,21 +17,31 @@ budget (`sweep.trials`) counts finished trials across all runs and workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
 from ..track import atomic
+from .engine import make_storage, recover_dead_trials
+from .plan import SweepError, SweepPlan
 from .space import sweep_base
 from .storage import STORAGE_ENV, mask_url, storage_url
-from .worker import SweepError, intermediate_label, make_storage, recover_dead_trials, run_worker
+from .worker import intermediate_label, run_worker
+
+if TYPE_CHECKING:
+    import optuna
+
+Log = Callable[[str], Any]
 
 
 @dataclass
@@ -51,23 +61,25 @@ class SweepResult:
     plots: dict = field(default_factory=dict)
 
 
-def _default_name(config) -> str:
+def _default_name(config: str | Path | dict | RunConfig) -> str:
     if isinstance(config, (str, Path)):
         return f"sweep-{Path(config).stem}"
     return "sweep"
 
 
-def prepare(config, overrides=None, *, name=None, storage=None, trials=None,
-            timeout_minutes=None) -> tuple[RunConfig, str, str | None]:
+def prepare(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, name: str | None = None,
+            storage: str | None = None, trials: int | None = None,
+            timeout_minutes: float | None = None) -> tuple[RunConfig, str, str | None]:
     """The config with the sweep options given here set, its sweep name, and the storage URL to connect to
     (None: SQLite in the sweep folder). The config holds that URL masked: it is what gets written."""
     cfg = load_config(config, overrides)
     src = str(config) if isinstance(config, (str, Path)) else "the config"
     if cfg.sweep is None:
         raise ConfigError(f"{src} has no `sweep:` section; add one with the search space, for example\n"
-                          "sweep:\n  params:\n    train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}\n    method.r: [4, 8, 16]\n"
-                          "  trials: 20")
-    given = {k: v for k, v in (("name", name), ("trials", trials), ("timeout_minutes", timeout_minutes)) if v is not None}
+                          "sweep:\n  params:\n    train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}\n"
+                          "    method.r: [4, 8, 16]\n  trials: 20")
+    options = (("name", name), ("trials", trials), ("timeout_minutes", timeout_minutes))
+    given = {key: value for key, value in options if value is not None}
     url = storage_url(cfg.sweep.storage, storage)
     if url is not None and (url != cfg.sweep.storage or mask_url(url) != url):
         given["storage"] = mask_url(url)
@@ -78,9 +90,9 @@ def prepare(config, overrides=None, *, name=None, storage=None, trials=None,
     return cfg, cfg.sweep.name or _default_name(config), url
 
 
-def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name: str | None = None,
-          storage: str | None = None, trials: int | None = None, timeout_minutes: float | None = None,
-          plots: bool = True, log=print) -> SweepResult:
+def sweep(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, workers: int = 1,
+          name: str | None = None, storage: str | None = None, trials: int | None = None,
+          timeout_minutes: float | None = None, plots: bool = True, log: Log = print) -> SweepResult:
     """Hyperparameter search over the config's `sweep:` section; returns the best trial and the sweep folder.
 
     `workers`: local worker processes sharing the study (1: in this process). `storage`, `trials`,
@@ -93,66 +105,87 @@ def sweep(config, overrides: list[str] | None = None, *, workers: int = 1, name:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     cfg, sweep_name, url = prepare(config, overrides, name=name, storage=storage, trials=trials,
                                    timeout_minutes=timeout_minutes)
-    sw = cfg.sweep
     sweep_dir = Path(cfg.output.dir) / sweep_name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     url = url or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"  # the real URL: in memory only
-    study_name = sw.study_name or sweep_name
-    direction = sw.direction if sw.direction != "auto" else ("maximize" if cfg.higher_is_better else "minimize")
+    plan = make_plan(cfg, sweep_dir, sweep_name, url, workers)
     _note_config(sweep_dir, cfg, log)
-
-    study = optuna.create_study(storage=make_storage(url), study_name=study_name, direction=direction, load_if_exists=True)
-    if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {study_name!r} in {mask_url(url)} was created to {study.direction.name.lower()}, not to {direction}; "
-                          "use another sweep.study_name / sweep.name")
-    base = sweep_base(cfg)
-    cpus = os.cpu_count() or 1
-    plan = {
-        "sweep_dir": str(sweep_dir.resolve()), "sweep_name": sweep_name, "study_name": study_name, "storage": url,
-        "base": base, "sweep": sw.model_dump(mode="json"), "monitor": cfg.monitor, "direction": direction,
-        "budget": sw.trials, "deadline": time.time() + 60 * sw.timeout_minutes if sw.timeout_minutes else None,
-        "seed": sw.seed if sw.seed is not None else cfg.train.seed,
-        "threads": max(1, cpus // workers) if workers > 1 else None,
-    }
-    recovered = recover_dead_trials(study, url)
-    if recovered:
-        log(f"[sweep] trials {', '.join(map(str, recovered))} were in flight when their worker died: failed, parameters queued again")
-    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
-    log(f"[sweep] {sweep_dir}  study {study_name!r}  {direction} {cfg.monitor}  sampler {sw.sampler}  pruner {sw.pruner}  "
-        f"budget {sw.trials or '-'} trials" + (f" / {sw.timeout_minutes:g} min" if sw.timeout_minutes else "")
-        + (f"  ({done} finished before: resuming)" if done else "") + (f"  workers {workers}" if workers > 1 else ""))
-    t0 = time.time()
-    _index(plan, cfg, "running", log, started=t0)
+    study = _open_study(plan)
+    _announce(study, plan, workers, log)
+    started = time.time()
+    _index(plan, cfg, "running", log, started=started)
     try:
         if workers == 1:
             run_worker(plan, 0, log=log)
         else:
             _run_processes(plan, workers, sweep_dir, log)
     except BaseException:
-        _index(plan, cfg, "interrupted", log, started=t0, ended=time.time())
+        _index(plan, cfg, "interrupted", log, started=started, ended=time.time())
         raise
-    result = finish(plan, sweep_dir, time.time() - t0, plots=plots)
+    result = finish(plan, sweep_dir, time.time() - started, plots=plots)
     metrics = {cfg.monitor: result.best_value} if result.best_value is not None else {}
-    _index(plan, cfg, "completed", log, started=t0, ended=time.time(), metrics=metrics,
+    _index(plan, cfg, "completed", log, started=started, ended=time.time(), metrics=metrics,
            cost={"wall_seconds": result.wall_seconds, "trial_seconds": sum(r["seconds"] or 0 for r in result.trials)})
     return result
 
 
-def _index(plan: dict, cfg: RunConfig, status: str, log, **info) -> None:
+def make_plan(cfg: RunConfig, sweep_dir: Path, sweep_name: str, url: str, workers: int) -> SweepPlan:
+    """What every worker of this sweep is given (its URL the real one: the plan file masks it)."""
+    sweep_section = cfg.sweep
+    auto = "maximize" if cfg.higher_is_better else "minimize"
+    cpus = os.cpu_count() or 1
+    return SweepPlan(
+        sweep_dir=sweep_dir.resolve(), sweep_name=sweep_name, study_name=sweep_section.study_name or sweep_name,
+        storage=url, base=sweep_base(cfg), sweep=sweep_section, monitor=cfg.monitor,
+        direction=sweep_section.direction if sweep_section.direction != "auto" else auto,
+        budget=sweep_section.trials,
+        deadline=time.time() + 60 * sweep_section.timeout_minutes if sweep_section.timeout_minutes else None,
+        seed=sweep_section.seed if sweep_section.seed is not None else cfg.train.seed,
+        threads=max(1, cpus // workers) if workers > 1 else None,
+    )
+
+
+def _open_study(plan: SweepPlan) -> optuna.Study:
+    """The sweep's study, created on the first start; a study of the other direction is refused."""
+    import optuna
+
+    study = optuna.create_study(storage=make_storage(plan.storage), study_name=plan.study_name,
+                                direction=plan.direction, load_if_exists=True)
+    created = study.direction.name.lower()
+    if created != plan.direction:
+        raise ConfigError(f"study {plan.study_name!r} in {mask_url(plan.storage)} was created to {created}, "
+                          f"not to {plan.direction}; use another sweep.study_name / sweep.name")
+    return study
+
+
+def _announce(study: optuna.Study, plan: SweepPlan, workers: int, log: Log) -> None:
+    """Trials a dead worker left in flight are failed and queued again; then the sweep's one-line header."""
+    recovered = recover_dead_trials(study, plan.storage)
+    if recovered:
+        log(f"[sweep] trials {', '.join(map(str, recovered))} were in flight when their worker died: failed, "
+            "parameters queued again")
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    section = plan.sweep
+    log(f"[sweep] {plan.sweep_dir}  study {plan.study_name!r}  {plan.direction} {plan.monitor}  "
+        f"sampler {section.sampler}  pruner {section.pruner}  budget {section.trials or '-'} trials"
+        + (f" / {section.timeout_minutes:g} min" if section.timeout_minutes else "")
+        + (f"  ({done} finished before: resuming)" if done else "") + (f"  workers {workers}" if workers > 1 else ""))
+
+
+def _index(plan: SweepPlan, cfg: RunConfig, status: str, log: Log, **info: Any) -> None:
     """The sweep's row in the run index of its output folder (its trials file themselves under it)."""
-    track = getattr(cfg, "track", None)
-    if track is None or not getattr(track, "index", False):
+    if not cfg.track.index:
         return
     try:
         from ..track.index import register_sweep
 
-        register_sweep(Path(plan["sweep_dir"]).parent, plan["sweep_dir"], status=status, task=cfg.task,
-                       config=plan["base"], **info)
+        register_sweep(plan.sweep_dir.parent, str(plan.sweep_dir), status=status, task=cfg.task,
+                       config=plan.base, **info)
     except Exception as e:  # the index is a convenience; it never stops a sweep
         log(f"[sweep] note: the run index was not updated ({type(e).__name__}: {e})")
 
 
-def _note_config(sweep_dir: Path, cfg: RunConfig, log) -> None:
+def _note_config(sweep_dir: Path, cfg: RunConfig, log: Log) -> None:
     path = sweep_dir / "sweep.yaml"
     text = dump_config(cfg)
     if path.exists():
@@ -163,13 +196,14 @@ def _note_config(sweep_dir: Path, cfg: RunConfig, log) -> None:
     atomic.write_text(path, text)
 
 
-def _run_processes(plan: dict, workers: int, sweep_dir: Path, log) -> None:
+def _run_processes(plan: SweepPlan, workers: int, sweep_dir: Path, log: Log) -> None:
     """N worker processes (`python -m slimtune.sweep.worker`), each with cpus // N torch threads."""
     plan_path = sweep_dir / f".plan-{os.getpid()}.json"
     # the file holds the storage masked; the workers get the real URL in their environment (worker.run_time_url)
-    atomic.write_json(plan_path, {**plan, "parent_pid": os.getpid(), "storage": mask_url(plan["storage"])})
-    env = {**os.environ, "OMP_NUM_THREADS": str(plan["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           STORAGE_ENV: plan["storage"]}
+    written = dataclasses.replace(plan, parent_pid=os.getpid(), storage=mask_url(plan.storage))
+    atomic.write_json(plan_path, written.to_dict())
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "TOKENIZERS_PARALLELISM": "false",
+           STORAGE_ENV: plan.storage}
     procs = [subprocess.Popen([sys.executable, "-m", "slimtune.sweep.worker", str(plan_path), str(i)], env=env)
              for i in range(workers)]
     try:
@@ -192,38 +226,39 @@ def _run_processes(plan: dict, workers: int, sweep_dir: Path, log) -> None:
         plan_path.unlink(missing_ok=True)
     bad = [(i, c) for i, c in enumerate(codes) if c != 0]
     if bad:
-        raise SweepError("worker " + ", ".join(f"{i} exited with code {c}" for i, c in bad) + " (its error is printed above)")
+        exits = ", ".join(f"{index} exited with code {code}" for index, code in bad)
+        raise SweepError(f"worker {exits} (its error is printed above)")
 
 
-def finish(plan: dict, sweep_dir: Path, wall: float, plots: bool = True) -> SweepResult:
+def finish(plan: SweepPlan, sweep_dir: Path, wall: float, plots: bool = True) -> SweepResult:
     """Table, best config, summary and plots from the study as it stands."""
     import optuna
 
     from .results import best_trial, write_best, write_table
 
-    study = optuna.load_study(study_name=plan["study_name"], storage=make_storage(plan["storage"]))
-    rows = write_table(study, sweep_dir, plan["monitor"], list(plan["sweep"]["params"]))
+    study = optuna.load_study(study_name=plan.study_name, storage=make_storage(plan.storage))
+    rows = write_table(study, sweep_dir, plan.monitor, plan.params)
     best = best_trial(study)
     best_path = write_best(plan, study, sweep_dir)
-    counts: dict = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    drawn = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    drawn: dict[str, str] = {}
     if plots:
         from .plots import write_plots
 
-        drawn = write_plots(study, sweep_dir, plan["monitor"], intermediate_label(plan))
+        drawn = write_plots(study, sweep_dir, plan.monitor, intermediate_label(plan))
+    best_summary = None if best is None else {
+        "trial": best.number, "value": best.value, "params": best.params, "run_dir": best.user_attrs.get("run_dir"),
+        "config": str(best_path), **{k: v for k, v in best.user_attrs.items() if k.startswith("test_")}}
     summary = {
-        "sweep_dir": str(sweep_dir), "study_name": plan["study_name"], "storage": mask_url(plan["storage"]),
-        "direction": plan["direction"], "metric": plan["monitor"], "sampler": plan["sweep"]["sampler"],
-        "pruner": plan["sweep"]["pruner"], "budget_trials": plan["budget"], "counts": counts,
-        "best": None if best is None else {"trial": best.number, "value": best.value, "params": best.params,
-                                           "run_dir": best.user_attrs.get("run_dir"), "config": str(best_path),
-                                           **{k: v for k, v in best.user_attrs.items() if k.startswith("test_")}},
-        "wall_seconds": wall, "trial_seconds": sum(r["seconds"] or 0 for r in rows), "plots": drawn,
+        "sweep_dir": str(sweep_dir), "study_name": plan.study_name, "storage": mask_url(plan.storage),
+        "direction": plan.direction, "metric": plan.monitor, "sampler": plan.sweep.sampler,
+        "pruner": plan.sweep.pruner, "budget_trials": plan.budget, "counts": counts, "best": best_summary,
+        "wall_seconds": wall, "trial_seconds": sum(row["seconds"] or 0 for row in rows), "plots": drawn,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     atomic.write_json(sweep_dir / "summary.json", summary)
-    return SweepResult(sweep_dir, plan["study_name"], summary["storage"], plan["direction"], plan["monitor"],
+    return SweepResult(sweep_dir, plan.study_name, summary["storage"], plan.direction, plan.monitor,
                        None if best is None else best.value, {} if best is None else dict(best.params),
                        None if best is None else best.number, best_path, counts, wall, rows, drawn)
