@@ -126,7 +126,7 @@ def run_result_child(cmd: list[str], wait_quiet: float = 0.0) -> tuple[dict | No
     meter, cpu0, t0 = BusyMeter().start(), child_cpu_seconds(), time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     busy, own = meter.stop(), (child_cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((out_line for out_line in p.stdout.splitlines() if out_line.startswith("RESULT ")), None)
     if line is None:
         return None, p.stderr
     row = json.loads(line[7:])

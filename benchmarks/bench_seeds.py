@@ -29,13 +29,14 @@ def one(config: str, overrides: list[str], seed: int, out: str) -> dict:
     import slimtune
 
     res = slimtune.run(config, overrides=[*overrides, f"train.seed={seed}", f"output.dir={out}"])
-    evals = [json.loads(l) for l in (Path(res.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (Path(res.run_dir) / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e.get("type") == "eval"]
     monitor = res.summary.get("monitor") or "accuracy"
     key = f"eval_{monitor}"
     best = max(evals, key=lambda e: e[key])
     return {"seed": seed, "monitor": monitor, "best": best[key], "accuracy_at_best": best.get("eval_accuracy"),
-            "final": evals[-1][key], "curve": [round(e[key], 4) for e in evals], "train_s": res.summary["train_seconds"]}
+            "final": evals[-1][key], "curve": [round(e[key], 4) for e in evals],
+            "train_s": res.summary["train_seconds"]}
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -71,7 +72,8 @@ def main() -> None:
                 print(f"{name} seed {seed} failed:\n{err[-2000:]}", file=sys.stderr)
                 continue
             rows.append({"variant": name, "overrides": overrides, **row})
-            print(json.dumps({k: rows[-1][k] for k in ("variant", "seed", "best", "accuracy_at_best")}), file=sys.stderr, flush=True)
+            print(json.dumps({k: rows[-1][k] for k in ("variant", "seed", "best", "accuracy_at_best")}),
+                  file=sys.stderr, flush=True)
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps({"machine": machine(), "versions": versions(), "config": args.config,
                                              "seeds": args.seeds, "rows": rows}, indent=2))

@@ -91,7 +91,8 @@ def one_run(plan: dict, variant: str) -> dict:
     n_train = plan["n_warmup"] if variant == "warmup" else plan["n_train"]
     m0, own0 = cpu_counters()
     t0 = time.perf_counter()
-    res = slimtune.run(config(plan["files"], n_train, "off" if variant == "warmup" else variant, out, "run", plan.get("model", MINILM)))
+    res = slimtune.run(config(plan["files"], n_train, "off" if variant == "warmup" else variant, out, "run",
+                              plan.get("model", MINILM)))
     wall = time.perf_counter() - t0
     m1, own1 = cpu_counters()
     others = max(0.0, (m1 - m0) - (own1 - own0)) / wall  # cores other processes kept busy meanwhile
@@ -100,7 +101,8 @@ def one_run(plan: dict, variant: str) -> dict:
     energy = (s.get("cost") or {}).get("energy") or {}
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "variant": variant, "samples_per_s": s["samples_seen"] / s["train_seconds"], "train_seconds": s["train_seconds"],
+        "variant": variant, "samples_per_s": s["samples_seen"] / s["train_seconds"],
+        "train_seconds": s["train_seconds"],
         "run_wall_seconds": wall, "steps": s["steps"], "samples": s["samples_seen"], "metrics_records": records,
         "dev_accuracy": (s.get("final") or {}).get("accuracy"), "energy_kwh": energy.get("energy_kwh"),
         "device_peak_mb": (s.get("cost") or {}).get("device_peak_mb"), "precision": s.get("precision"),
@@ -138,7 +140,8 @@ def components(tmp: str) -> dict:
     cfg = {"task": "text-classification", "model": {"name": MINILM}, "method": {"name": "lora", "r": 8}}
     t0 = time.perf_counter()
     for i in range(30):
-        index.register_run(d, d / f"r{i % 3}", cfg, {"status": "running", "monitor": "accuracy", "best": {"accuracy": 0.5}})
+        index.register_run(d, d / f"r{i % 3}", cfg,
+                           {"status": "running", "monitor": "accuracy", "best": {"accuracy": 0.5}})
     index_ms = (time.perf_counter() - t0) / 30 * 1000
     sinks = {}
     try:  # the optional trackers, per record (MLflow's local file store, TensorBoard event files)
@@ -188,11 +191,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--model", default=MINILM, help="model id or folder (same shape, same cost: e.g. a MiniLM with random weights)")
+    ap.add_argument("--model", default=MINILM,
+                    help="model id or folder (same shape, same cost: e.g. a MiniLM with random weights)")
     ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS", str(DEFAULT_DATASETS)))
     ap.add_argument("--out", default=None)
     ap.add_argument("--wait-quiet", type=float, default=0.0,
-                    help="before each process, wait up to this many seconds for the CPUs to be mostly idle (a shared machine)")
+                    help="before each process, wait up to this many seconds for the CPUs to be mostly idle "
+                         "(a shared machine)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -219,8 +224,8 @@ def main(argv=None) -> int:
         plan = Path(tmp) / "plan.json"
         plan.write_text(json.dumps({"files": files, "n_train": n_train, "n_warmup": min(n_train, 640), "tmp": tmp,
                                     "model": args.model}))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
         if (ROOT / "src").is_dir():
             env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
         runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -233,7 +238,8 @@ def main(argv=None) -> int:
             res = Path(tmp) / f"res-{rep}.json"
             busy = wait_quiet(args.wait_quiet) if args.wait_quiet else cpu_busy()
             la = os.getloadavg()[0]
-            proc = subprocess.run([sys.executable, __file__, "--child", ",".join(sequence), "--plan", str(plan), "--result", str(res)],
+            proc = subprocess.run([sys.executable, __file__, "--child", ",".join(sequence), "--plan", str(plan),
+                                   "--result", str(res)],
                                   env=env, cwd=str(ROOT), capture_output=True, text=True)
             if proc.returncode != 0 or not res.exists():
                 print(proc.stdout[-2000:], proc.stderr[-4000:], f"FAILED {sequence}", sep="\n")
@@ -242,9 +248,11 @@ def main(argv=None) -> int:
             for r in got:
                 r["load_before"], r["cpu_busy_before"], r["process"] = la, busy, rep
                 runs[r["variant"]].append(r)
-                print(f"[{rep + 1}/{repeats}] {r['variant']:7s} {r['samples_per_s']:7.1f} samples/s  train {r['train_seconds']:6.1f} s  "
+                print(f"[{rep + 1}/{repeats}] {r['variant']:7s} {r['samples_per_s']:7.1f} samples/s  "
+                      f"train {r['train_seconds']:6.1f} s  "
                       f"wall {r['run_wall_seconds']:6.1f} s  records {r['metrics_records']}  other processes: "
-                      f"{r['others_cores']:.2f} cores{'' if r['others_cores'] <= CLEAN else '  (disturbed: left out)'}", flush=True)
+                      f"{r['others_cores']:.2f} cores{'' if r['others_cores'] <= CLEAN else '  (disturbed: left out)'}",
+                      flush=True)
             ok = [r for r in got if r["others_cores"] <= CLEAN]
             base = [r["samples_per_s"] for r in ok if r["variant"] == "off"]
             for v in variants:
@@ -257,17 +265,19 @@ def main(argv=None) -> int:
         clean = {v: [r for r in rs if r["others_cores"] <= CLEAN] or rs for v, rs in runs.items()}
         med = {v: statistics.median(r["samples_per_s"] for r in rs) for v, rs in clean.items()}
         wall = {v: statistics.median(r["run_wall_seconds"] for r in rs) for v, rs in clean.items()}
-        lines = ["| variant | samples/s (median of undisturbed runs) | runs (disturbed in brackets) | vs off | run wall s (median) | metrics records | energy (Wh) | method |",
+        lines = ["| variant | samples/s (median of undisturbed runs) | runs (disturbed in brackets) | vs off "
+                 "| run wall s (median) | metrics records | energy (Wh) | method |",
                  "|---|---|---|---|---|---|---|---|"]
         for v, rs in runs.items():
             rel = (med[v] / med["off"] - 1) * 100 if "off" in med else 0.0
             e = rs[0]["energy_kwh"]
             each = ", ".join(("%.1f" if r["others_cores"] <= CLEAN else "(%.1f)") % r["samples_per_s"] for r in rs)
             wh = "-" if e is None else "%.3f" % (e * 1000)
-            lines.append(f"| {v} | {med[v]:.1f} | {each} | {rel:+.1f}% | {wall[v]:.1f} | {rs[0]['metrics_records']} | {wh} | "
-                         f"{rs[0]['energy_method'] or '-'} |")
+            lines.append(f"| {v} | {med[v]:.1f} | {each} | {rel:+.1f}% | {wall[v]:.1f} | "
+                         f"{rs[0]['metrics_records']} | {wh} | {rs[0]['energy_method'] or '-'} |")
         overhead = {v: 1 - med[v] / med["off"] for v in med if v != "off" and "off" in med}
-        verdict = {v: ("met" if paired.get(v) and statistics.median(paired[v]) <= TARGET else "NOT met") for v in overhead}
+        verdict = {v: ("met" if paired.get(v) and statistics.median(paired[v]) <= TARGET else "NOT met")
+                   for v in overhead}
         table = "\n".join(lines)
         print("\n" + table + "\n")
         sps = med.get("off") or next(iter(med.values()))
@@ -276,10 +286,13 @@ def main(argv=None) -> int:
         comp.update(step_ms_off=step_ms, per_step_bound=bound)
         print(f"components (measured alone): a metrics.jsonl record {comp['log_record_us']:.0f} us "
               f"({comp['log_record_us'] / 1000 / step_ms:.3%} of a {step_ms:.0f} ms step); codecarbon's threads "
-              f"{comp['codecarbon_cpu_share_of_one_core']:.3%} of one core; an index write {comp['index_write_ms']:.1f} ms "
-              f"(3 + 1 per improved evaluation per run); energy start {comp['energy_start_s']:.2f} s, stop {comp['energy_stop_s']:.2f} s "
+              f"{comp['codecarbon_cpu_share_of_one_core']:.3%} of one core; "
+              f"an index write {comp['index_write_ms']:.1f} ms "
+              f"(3 + 1 per improved evaluation per run); energy start {comp['energy_start_s']:.2f} s, "
+              f"stop {comp['energy_stop_s']:.2f} s "
               f"(outside the loop) -> at most {bound:.2%} of the loop's time; optional trackers per record: MLflow "
-              f"{comp.get('mlflow_record_ms', float('nan')):.2f} ms, TensorBoard {comp.get('tensorboard_record_ms', float('nan')):.2f} ms")
+              f"{comp.get('mlflow_record_ms', float('nan')):.2f} ms, "
+              f"TensorBoard {comp.get('tensorboard_record_ms', float('nan')):.2f} ms")
         paired_med = {v: statistics.median(x) for v, x in paired.items()}
         for v in overhead:
             paired.setdefault(v, [])
@@ -288,12 +301,15 @@ def main(argv=None) -> int:
             print(f"- tracking overhead ({v} vs off): {o * 100:+.2f}% throughput, medians of all runs; "
                   f"{paired_med[v] * 100:+.2f}% as the median of the per-process A/B pairs "
                   f"({', '.join('%+.2f%%' % (x * 100) for x in paired[v])}) (target <= {TARGET:.0%}: {verdict[v]})")
-        out = Path(args.out) if args.out else HERE / "results" / ("bench_tracking_quick.json" if args.quick else "bench_tracking.json")
+        out = Path(args.out) if args.out else HERE / "results" / ("bench_tracking_quick.json" if args.quick
+                                                                 else "bench_tracking.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
-            "command": " ".join(["python", "benchmarks/bench_tracking.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(["python", "benchmarks/bench_tracking.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "n_train": n_train, "repeats": repeats, "model": args.model, "load_average": load, "median_samples_per_s": med,
+            "n_train": n_train, "repeats": repeats, "model": args.model, "load_average": load,
+            "median_samples_per_s": med,
             "median_run_wall_seconds": wall, "overhead": overhead, "overhead_paired": paired,
             "overhead_paired_median": paired_med, "clean_threshold_cores": CLEAN, "target": TARGET, "verdict": verdict,
             "components": comp, "runs": runs, "table_md": table,

@@ -102,12 +102,13 @@ def main():
                     continue
                 rows.append(row)
                 print(rows[-1], file=sys.stderr, flush=True)
-    record = {"machine": machine(), "versions": versions(), "args": {k: v for k, v in vars(args).items() if k != "child"},
-              "rows": rows}
+    record = {"machine": machine(), "versions": versions(),
+              "args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(record, indent=2))
     print(f"\nall-MiniLM-L6-v2 + LoRA r8, max_length 64, batch 32, seeds {args.seeds}; SST-2: {args.sst2_train} train, "
-          f"1 epoch, lr 1e-3, test = GLUE dev (872); Banking77: {args.banking_train} train, 3 epochs, lr 3e-3, test 3,080\n")
+          f"1 epoch, lr 1e-3, test = GLUE dev (872); Banking77: {args.banking_train} train, 3 epochs, lr 3e-3, "
+          "test 3,080\n")
     print("| dataset | variant | test acc mean | std | min | max | train s (mean) |")
     print("|---|---|---|---|---|---|---|")
     for ds in args.datasets.split(","):

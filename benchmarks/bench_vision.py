@@ -112,9 +112,11 @@ def child_plain(args, data, out) -> dict:
     steps = math.ceil(len(tr) / bs) * int(args.epochs)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=2e-3)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=2e-3)
     warm = max(1, round(0.05 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / (steps - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm
+                                              else max(0.0, (steps - s) / (steps - warm)))
     bf16 = resolve_precision(args.precision) == "bf16"
     rng = random.Random(0)
     model.train()
@@ -137,7 +139,8 @@ def child_plain(args, data, out) -> dict:
     correct = 0
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(zt["labels"]), 128):
-            px = torch.from_numpy(np.stack([to_array(array_to_pil(a), spec, args.size) for a in zt["images"][i:i + 128]]))
+            px = torch.from_numpy(np.stack([to_array(array_to_pil(a), spec, args.size)
+                                            for a in zt["images"][i:i + 128]]))
             correct += int((model(pixel_values=px).logits.argmax(-1).numpy() == zt["labels"][i:i + 128]).sum())
     return {"variant": "plain", "train_s": train_s, "samples": seen, "samples_per_s": seen / train_s,
             "test_accuracy": correct / len(zt["labels"]), "steps": step}
@@ -151,7 +154,8 @@ def main():
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--seed", type=int, default=42, help="slimtune variants: train.seed")
-    ap.add_argument("--head-lr", type=float, default=None, help="slimtune variants: train.head_lr (default: slimtune's)")
+    ap.add_argument("--head-lr", type=float, default=None,
+                    help="slimtune variants: train.head_lr (default: slimtune's)")
     ap.add_argument("--variants", default="fixed,progressive,plain")
     ap.add_argument("--repeats", type=int, default=1, help="run the variants this many times, interleaved; medians")
     ap.add_argument("--child")
@@ -162,7 +166,8 @@ def main():
     args = ap.parse_args()
     if args.child:
         data = json.loads(args.data)
-        r = child_plain(args, data, args.out) if args.child == "plain" else child_slimtune(args, data, args.out, args.child)
+        r = (child_plain(args, data, args.out) if args.child == "plain"
+             else child_slimtune(args, data, args.out, args.child))
         Path(args.result).write_text(json.dumps(r))
         return
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
@@ -174,7 +179,8 @@ def main():
         res = tmp / f"result-{v}-{rep}.json"
         cmd = [sys.executable, __file__, "--child", v, "--data", json.dumps(data), "--out", str(tmp / "runs"),
                "--result", str(res), "--train", str(args.train), "--size", str(args.size), "--epochs", str(args.epochs),
-               "--precision", args.precision, "--seed", str(args.seed)] + (["--head-lr", str(args.head_lr)] if args.head_lr else [])
+               "--precision", args.precision, "--seed", str(args.seed)]
+        cmd += ["--head-lr", str(args.head_lr)] if args.head_lr else []
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         r = json.loads(res.read_text())
@@ -187,13 +193,14 @@ def main():
     for v in args.variants.split(","):
         rs = [r for r in rows if r["variant"] == v]
         by[v] = {k: statistics.median(r[k] for r in rs) for k in ("train_s", "samples_per_s", "test_accuracy")}
-    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data", "out", "result")}, "rows": rows,
-               "medians": by}
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data", "out", "result")},
+               "rows": rows, "medians": by}
     if "fixed" in by and "progressive" in by:
         summary["progressive_speedup"] = by["fixed"]["train_s"] / by["progressive"]["train_s"]
     if "fixed" in by and "plain" in by:
         summary["slimtune_vs_plain_throughput"] = by["fixed"]["samples_per_s"] / by["plain"]["samples_per_s"]
-        pairs = [(a, b) for a, b in zip([r for r in rows if r["variant"] == "fixed"], [r for r in rows if r["variant"] == "plain"])]
+        pairs = [(a, b) for a, b in zip([r for r in rows if r["variant"] == "fixed"],
+                                        [r for r in rows if r["variant"] == "plain"])]
         summary["slimtune_vs_plain_per_repeat"] = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
     print(f"\n{'variant':<12} {'train s':>8} {'samples/s':>10} {'test acc':>9}")
     for r in rows:

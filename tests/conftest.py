@@ -57,7 +57,8 @@ def _tokenizer(kind: str):
 
     vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + ["\n"] + [str(d) for d in range(10)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.WhitespaceSplit()])
     if kind == "bert":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",

@@ -67,7 +67,8 @@ CONFIG_CASES = {
     "unknown task": (lambda c: {**c, "task": "summarize"}, [], ["task", "summarize", "text-classification"]),
     "unknown method": (lambda c: _set(c, "method.name", "loraa"), [], ["method.name", "loraa", "lora"]),
     "max_length below 8": (lambda c: _set(c, "model.max_length", 4), [], ["model.max_length", "4"]),
-    "run name escapes output.dir": (lambda c: _set(c, "output.name", "../../elsewhere"), [], ["output.name", "../../elsewhere"]),
+    "run name escapes output.dir": (lambda c: _set(c, "output.name", "../../elsewhere"), [],
+                                    ["output.name", "../../elsewhere"]),
     "absolute run name": (lambda c: _set(c, "output.name", "/tmp/elsewhere"), [], ["output.name", "/tmp/elsewhere"]),
     "override without =": (lambda c: c, ["train.lr"], ["train.lr", "key.path=value"]),
     "override of a value as section": (lambda c: c, ["train.lr.x=1"], ["train.lr.x=1"]),
@@ -119,11 +120,13 @@ DATA_CASES = {
     "header only": (lambda r: {"train": _rows_csv(r, "t.csv", "text,label\n")}, ["t.csv", "empty"]),
     "single label": (lambda r: {"train": _rows_csv(r, "t.csv", "text,label\n" + "good,pos\n" * 20)},
                      ["t.csv", "single label", "pos"]),
-    "eval label unseen in train": (lambda r: {"train": _rows_csv(r, "t.csv", "text,label\n" + "good,pos\nbad,neg\n" * 20),
+    "eval label unseen in train": (lambda r: {"train": _rows_csv(r, "t.csv",
+                                                                 "text,label\n" + "good,pos\nbad,neg\n" * 20),
                                               "eval": _rows_csv(r, "e.csv", "text,label\ngood,pos\nmeh,neutral\n")},
                                    ["e.csv", "neutral"]),
-    "JSONL labels of mixed types": (lambda r: {"train": str(write_jsonl(r / "t.jsonl", [{"text": "good", "label": 1},
-                                                                                        {"text": "bad", "label": "1"}] * 10))},
+    "JSONL labels of mixed types": (lambda r: {"train": str(write_jsonl(r / "t.jsonl",
+                                                                        [{"text": "good", "label": 1},
+                                                                         {"text": "bad", "label": "1"}] * 10))},
                                     ["t.jsonl", "label"]),
     "unsupported file type": (lambda r: {"train": _rows_csv(r, "t.xlsx", "x")}, ["t.xlsx", ".csv"]),
     "bad JSONL line": (lambda r: {"train": _rows_csv(r, "t.jsonl", '{"text": "a", "label": "x"}\n{oops\n')},
@@ -232,13 +235,15 @@ RUN_CASES = {
     "resume of a complete run": (lambda run: ["run", "--resume", str(run)], ["complete", "train.epochs=N"]),
     "resume without a checkpoint": (_no_checkpoint, ["checkpoints/last"]),
     "resume of a folder that is no run": (lambda run: ["run", "--resume", str(run / "adapter")], ["config.yaml"]),
-    "eval of a folder without adapter": (lambda run: ["eval", str(run / "checkpoints"), "--data", "x.csv"], ["adapter"]),
+    "eval of a folder without adapter": (lambda run: ["eval", str(run / "checkpoints"), "--data", "x.csv"],
+                                         ["adapter"]),
     "predict with the adapter weights deleted": (_no_adapter_weights, ["adapter_model.safetensors"]),
     "a factory named by a copied run": (_factory_meta, ["evil.py", "--trust-run-code"]),
     "predict --file not UTF-8": (_latin1_file, ["inputs.txt", "UTF-8"]),
     "predict --file empty": (_empty_file, ["inputs.txt", "empty"]),
     "eval data missing the label column": (lambda run: ["eval", str(run), "--data",
-                                                        _rows_csv(run.parent, "e.csv", "text\ngood\n")], ["e.csv", "label"]),
+                                                        _rows_csv(run.parent, "e.csv", "text\ngood\n")],
+                                           ["e.csv", "label"]),
     "runs list --where with a malformed number": (lambda run: ["runs", "list", "--root", str(run.parent), "--where",
                                                                "accuracy>=0,9"], ["accuracy>=0,9", "0,9"]),
     "runs list with an unknown column": (lambda run: ["runs", "list", "--root", str(run.parent), "--columns", "nosuch"],
@@ -264,7 +269,8 @@ def test_bad_run_folder(_finished, tmp_path, case):
 # -- faults --------------------------------------------------------------------------------------------------
 
 def test_disk_full_while_training_is_said_and_resumable(_finished, tmp_path, monkeypatch, capsys):
-    """A full disk while the best checkpoint is written: the message says so, the last checkpoint on disk stays whole."""
+    """A full disk while the best checkpoint is written: the message says so, the last checkpoint on disk
+    stays whole."""
     import errno
 
     from slimtune import cli

@@ -25,7 +25,8 @@ def _mode(p: Path) -> int:
 
 def test_written_files_and_folders_follow_the_umask(tmp_path):
     """0666 / 0777 less the user's umask, like any other file (mkstemp / mkdtemp alone give 0600 / 0700)."""
-    code = ("import sys; from pathlib import Path; from slimtune.track import atomic; from slimtune.train import checkpoint\n"
+    code = ("import sys; from pathlib import Path; from slimtune.track import atomic; "
+            "from slimtune.train import checkpoint\n"
             "import torch; root = Path(sys.argv[1])\n"
             "atomic.write_text(root / 'report.html', 'x'); atomic.write_json(root / 'summary.json', {})\n"
             "with atomic.folder(root / 'adapter') as tmp: (tmp / 'adapter_model.safetensors').write_text('w')\n"

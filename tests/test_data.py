@@ -293,7 +293,8 @@ def test_empty_labels_are_an_error_naming_file_column_records(tmp_path, where):
     files = {k: tmp_path / f"{k}.csv" for k in ("train", "eval", "test")}
     for k, f in files.items():
         write_csv(f, rows if k == where else unique_rows(20, seed=3))
-    msg = data_error(TC.load_data, cfg_for("text-classification", files["train"], eval=files["eval"], test=files["test"]))
+    msg = data_error(TC.load_data, cfg_for("text-classification", files["train"], eval=files["eval"],
+                                           test=files["test"]))
     assert str(files[where]) in msg and "'label'" in msg and "3 empty or missing label(s)" in msg, msg
     assert "records 3, 6, 10" in msg, msg  # 1-based: the first data row is record 1
 
@@ -332,7 +333,8 @@ def test_empty_texts_are_counted_in_the_report(tmp_path):
     splits = TC.load_data(cfg_for("text-classification", train, eval=ev))
     empty = [w for w in splits.report.warnings if "empty or whitespace-only" in w]
     assert len(empty) == 2, splits.report.warnings
-    assert empty[0].startswith(str(train)) and "'text'" in empty[0] and "3 empty or whitespace-only text(s) (records 1, 4, 9)" in empty[0]
+    assert empty[0].startswith(str(train)) and "'text'" in empty[0]
+    assert "3 empty or whitespace-only text(s) (records 1, 4, 9)" in empty[0]
     assert empty[1].startswith(str(ev)) and "1 empty or whitespace-only text(s) (record 3)" in empty[1]
     assert splits.report.stats["empty_texts"] == {f"{train} (text)": 3, f"{ev} (text)": 1}
     clean = TC.load_data(cfg_for("text-classification", write_csv(tmp_path / "clean.csv", unique_rows(40))))
@@ -390,10 +392,12 @@ def test_truncation_share_is_reported(tmp_path, tiny_bert):
     assert all(len(ex["input_ids"]) <= 8 for ex in feats["train"])
     trunc = [w for w in splits.report.warnings if "truncated" in w]
     assert len(trunc) == 1, splits.report.warnings  # eval has none
-    assert trunc[0].startswith("train:") and "3 of 10" in trunc[0] and "30.0%" in trunc[0] and "max_length=8" in trunc[0]
+    assert trunc[0].startswith("train:") and "3 of 10" in trunc[0]
+    assert "30.0%" in trunc[0] and "max_length=8" in trunc[0]
     assert splits.report.stats["train_truncated"] == 3 and splits.report.stats["eval_truncated"] == 0
     # labels are the class indices of meta["labels"]
-    assert [ex["labels"] for ex in feats["eval"]] == [splits.meta["labels"].index("pos"), splits.meta["labels"].index("neg")]
+    assert [ex["labels"] for ex in feats["eval"]] == [splits.meta["labels"].index("pos"),
+                                                      splits.meta["labels"].index("neg")]
 
     # a long enough max_length: no warning
     cfg64 = cfg_for("text-classification", train, model={"max_length": 64}, eval=ev)
@@ -486,7 +490,8 @@ def test_a_huge_chat_message_is_tokenized_as_a_head_only(tmp_path, tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     rows = chat_rows(10)
     rows[2] = {"messages": [{"role": "user", "content": "tell me about cats"},
-                            {"role": "assistant", "content": huge_text(200_000)}]}  # the reference below renders it whole
+                            # the reference below renders it whole
+                            {"role": "assistant", "content": huge_text(200_000)}]}
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     ev = write_jsonl(tmp_path / "eval.jsonl", chat_rows(4, seed=1))
     cfg = cfg_for("causal-lm", train, model={"max_length": 32}, eval=ev)
@@ -642,14 +647,14 @@ def test_chat_loss_mask_covers_only_assistant(tmp_path, tiny_llama):
     ex = feats["train"][0]
     ids, labels = ex["input_ids"], ex["labels"]
     assert len(ids) == len(labels) == len(ex["attention_mask"])
-    assert all(l == -100 or l == i for i, l in zip(ids, labels))
-    learned_ids = [i for i, l in zip(ids, labels) if l != -100]
+    assert all(label == -100 or label == i for i, label in zip(ids, labels))
+    learned_ids = [i for i, label in zip(ids, labels) if label != -100]
     # exactly each answer's tokens plus its end-of-turn token, so the model learns to stop
     # (the tiny tokenizer drops the template's newlines and reads a role header as one [UNK] token)
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert learned_ids == enc(asst1) + [tok.eos_token_id] + enc(asst2) + [tok.eos_token_id]
     learned = _decode(tok, learned_ids)
-    masked = _decode(tok, [i for i, l in zip(ids, labels) if l == -100])
+    masked = _decode(tok, [i for i, label in zip(ids, labels) if label == -100])
     assert learned == asst1.split() + asst2.split()  # exactly the assistant turns, in order
     for word in (system + " " + user1 + " " + user2).split():
         assert word in masked and word not in learned, word
@@ -669,7 +674,8 @@ def test_instruction_records_become_user_assistant(tmp_path, tiny_llama):
     cfg = cfg_for("causal-lm", train, model={"max_length": 64})
     splits = LM.load_data(cfg)
     ex = LM.featurize(cfg, tok, splits)["train"][0]
-    assert _decode(tok, [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100]) == ["yes", "very", "happy"]
+    learned_ids = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != -100]
+    assert _decode(tok, learned_ids) == ["yes", "very", "happy"]
 
 
 # -- builtin datasets --------------------------------------------------------------

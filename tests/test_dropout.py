@@ -58,7 +58,8 @@ def test_use_fast_dropout_replaces_plain_dropouts_including_lora_inputs(tiny_ber
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, lora_dropout=0.1, target_modules=["query", "value"]))
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, lora_dropout=0.1,
+                                             target_modules=["query", "value"]))
     plain = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
     n = use_fast_dropout(model)
     assert n == len(plain) > 0

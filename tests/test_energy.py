@@ -52,9 +52,11 @@ def test_grid_from_environment_config_and_override(monkeypatch):
     assert grid("USA", "california", None) == {"country": "USA", "region": "california", "forced_intensity": None,
                                                "intensity_source": "grid mix of USA / california"}
     e = measure(country="DEU", carbon_intensity=123.0)
-    assert e["carbon_intensity_g_per_kwh"] == pytest.approx(123.0, rel=1e-3) and e["carbon_intensity_source"] == "track.carbon_intensity"
+    assert e["carbon_intensity_g_per_kwh"] == pytest.approx(123.0, rel=1e-3)
+    assert e["carbon_intensity_source"] == "track.carbon_intensity"
     with pytest.raises(ConfigError, match="track.country"):
-        load_config({"task": "causal-lm", "model": {"name": "m"}, "data": {"train": "t.txt"}, "track": {"country": "France"}})
+        load_config({"task": "causal-lm", "model": {"name": "m"}, "data": {"train": "t.txt"},
+                     "track": {"country": "France"}})
     assert load_config({"task": "causal-lm", "model": {"name": "m"}, "data": {"train": "t.txt"},
                         "track": {"country": "deu"}}).track.country == "DEU"
 
@@ -78,9 +80,11 @@ def test_flops_estimate_counts_matmul_weights():
 
 def test_resumed_cost_adds_sessions():
     first = {"wall_seconds": 10.0, "cpu_seconds": 8.0, "gpu_seconds": 0.0, "host_peak_rss_mb": 900.0, "sessions": 1,
-             "energy": {"energy_kwh": 0.5, "co2_kg": 0.2, "cpu_kwh": 0.3, "gpu_kwh": 0.0, "ram_kwh": 0.2, "duration_s": 9.0}}
+             "energy": {"energy_kwh": 0.5, "co2_kg": 0.2, "cpu_kwh": 0.3, "gpu_kwh": 0.0, "ram_kwh": 0.2,
+                        "duration_s": 9.0}}
     second = {"wall_seconds": 5.0, "cpu_seconds": 4.0, "gpu_seconds": 0.0, "host_peak_rss_mb": 700.0, "sessions": 1,
-              "energy": {"energy_kwh": 0.25, "co2_kg": 0.1, "cpu_kwh": 0.15, "gpu_kwh": 0.0, "ram_kwh": 0.1, "duration_s": 4.0}}
+              "energy": {"energy_kwh": 0.25, "co2_kg": 0.1, "cpu_kwh": 0.15, "gpu_kwh": 0.0, "ram_kwh": 0.1,
+                         "duration_s": 4.0}}
     total = accumulate(second, first)
     assert total["wall_seconds"] == 15.0 and total["cpu_seconds"] == 12.0 and total["host_peak_rss_mb"] == 900.0
     assert total["energy_kwh"] == 0.75 and total["co2_kg"] == pytest.approx(0.3) and total["sessions"] == 2
@@ -114,7 +118,8 @@ def test_trackers_write_to_local_stores_and_resume_sums_cost(tiny_bert, tmp_path
     result = slimtune.run(None, resume=run_dir)
     s = result.summary
     assert s["status"] == "completed" and s["cost"]["sessions"] == 2
-    assert s["cost"]["energy_kwh"] > first["cost"]["energy_kwh"] and s["cost"]["wall_seconds"] > first["cost"]["wall_seconds"]
+    assert s["cost"]["energy_kwh"] > first["cost"]["energy_kwh"]
+    assert s["cost"]["wall_seconds"] > first["cost"]["wall_seconds"]
     assert s["cost"]["energy"]["country"] == "SWE" and s["started_at"] == first["started_at"]
     assert s["trackers"]["mlflow_run_id"] == first["trackers"]["mlflow_run_id"]
     row = index.find(tmp_path / "runs", "run")

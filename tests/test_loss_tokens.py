@@ -69,7 +69,8 @@ def test_scored_logits_only_gives_the_models_loss_and_gradients(tiny_llama, divi
     from slimtune.tasks import causal_lm
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     cfg = RunConfig.model_validate({"task": "causal-lm", "model": {"name": tiny_llama}, "data": {"train": "x.jsonl"}})
     kwargs = {} if divisor is None else {"num_items_in_batch": divisor}
     fn = causal_lm.train_loss_fn(cfg, model, kwargs)

@@ -29,8 +29,10 @@ LR = {"ia3": 5e-2, "vera": 5e-2, "prompt-tuning": 5e-2, "p-tuning": 1e-2, "head-
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("method-data")
     return {
-        "text-classification": (str(write_csv(d / "train.csv", sentiment_rows(192, 0))), str(write_csv(d / "eval.csv", sentiment_rows(48, 1)))),
-        "causal-lm": (str(write_jsonl(d / "train.jsonl", chat_rows(96, 0))), str(write_jsonl(d / "eval.jsonl", chat_rows(24, 1)))),
+        "text-classification": (str(write_csv(d / "train.csv", sentiment_rows(192, 0))),
+                                str(write_csv(d / "eval.csv", sentiment_rows(48, 1)))),
+        "causal-lm": (str(write_jsonl(d / "train.jsonl", chat_rows(96, 0))),
+                      str(write_jsonl(d / "eval.jsonl", chat_rows(24, 1)))),
     }
 
 
@@ -59,7 +61,7 @@ def test_method_contract(name, task, tiny_bert_wide, tiny_llama, data, tmp_path)
         return
     res = slimtune.run(cfg)
     run = res.run_dir
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["type"] == "train"]
     assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2, f"{name}: train loss did not go down: {losses}"
 
@@ -122,7 +124,8 @@ def test_lora_plus_puts_b_matrices_in_a_faster_group(tiny_llama, data, tmp_path)
     cfg["train"]["max_steps"] = 3
     cfg["train"]["log_every"] = 1
     res = slimtune.run(cfg)
-    rec = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l][0]
+    rec = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
+           if '"train"' in line][0]
     assert rec["lr"]["lora_B"] == pytest.approx(8 * rec["lr"]["decay"])
 
 
@@ -217,15 +220,16 @@ def test_inspect_cli_fits_80_columns_without_dependency_noise(tiny_bert_wide):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["inspect", tiny_bert_wide, "--batch-size", "2", "--seq-len", "16"])
+        res = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["inspect", tiny_bert_wide, "--batch-size", "2",
+                                                            "--seq-len", "16"])
     assert res.exit_code == 0, res.output
     assert [str(w.message) for w in caught] == []
     assert "Warning" not in res.output and "CUDA extension" not in res.output
     lines = res.output.splitlines()
-    assert max(len(l) for l in lines) <= 80 and "…" not in res.output
-    rows = {l.split()[0] for l in lines if "│" in l}
+    assert max(len(line) for line in lines) <= 80 and "…" not in res.output
+    rows = {line.split()[0] for line in lines if "│" in line}
     assert set(METHODS) | {"qlora"} <= rows  # every method on a row of its own, its name whole
-    header = next(l for l in lines if "method" in l and "trainable" in l)
+    header = next(line for line in lines if "method" in line and "trainable" in line)
     assert [h.strip() for h in header.replace("┃", "|").split("|") if h.strip()] == \
         ["method", "trainable", "share", "train", "saved", "adapter", "merge"]
 

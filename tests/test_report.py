@@ -94,8 +94,8 @@ def test_run_report(runs, tmp_path):
     html = page.read_text()
     self_contained(html)
     alts = re.findall(r'alt="([^"]+)"', " ".join(IMG.findall(html)))
-    for want in ("loss curves", "metric curves", "learning-rate schedule", "eval confusion matrix", "test confusion matrix",
-                 "trainable-parameter share", "energy split"):
+    for want in ("loss curves", "metric curves", "learning-rate schedule", "eval confusion matrix",
+                 "test confusion matrix", "trainable-parameter share", "energy split"):
         assert want in alts, (want, alts)
     assert all(src.startswith("data:image/svg+xml;base64,") for src in re.findall(r'<img src="([^"]+)"', html))
     for text in ("Cost and energy", "measured with", "kWh", "g CO2e/kWh", "training FLOPs", "Config", "lora", "decay"):
@@ -110,7 +110,8 @@ def test_confusion_matrix_written_for_eval_and_test(runs):
     sizes = json.loads((runs / "a" / "data_report.json").read_text())["sizes"]
     summary = json.loads((runs / "a" / "summary.json").read_text())
     assert cm["labels"] == ["neg", "pos"]
-    assert sum(map(sum, cm["eval"]["matrix"])) == sizes["eval"] and sum(map(sum, cm["test"]["matrix"])) == sizes["test"] == 24
+    assert sum(map(sum, cm["eval"]["matrix"])) == sizes["eval"]
+    assert sum(map(sum, cm["test"]["matrix"])) == sizes["test"] == 24
     assert cm["eval"]["step"] == cm["test"]["step"] == summary["best_step"]  # both from the best checkpoint
     m = cm["test"]["matrix"]
     assert (m[0][0] + m[1][1]) / 24 == pytest.approx(summary["test"]["accuracy"])
@@ -122,7 +123,8 @@ def test_compare_and_sweep_pages(runs, tmp_path):
     assert res.exit_code == 0, res.output
     html = out.read_text()
     self_contained(html)
-    for text in ("Pareto plot", "training loss overlaid", "eval metric overlaid", "Config differences", "method.r", "test accuracy"):
+    for text in ("Pareto plot", "training loss overlaid", "eval metric overlaid", "Config differences", "method.r",
+                 "test accuracy"):
         assert text in html, text
     assert 'class="front"' in html  # the Pareto front is marked in the table
     n, bad, _, which = render(out, tmp_path)

@@ -44,16 +44,17 @@ def hostile_run(folder: Path, variant: int = 0) -> Path:
         "final": {metric: 0.45, "loss": 0.75}, "test": {metric: 0.55 + variant / 10, IMG: 0.3},
         "precision": SCRIPT, "started_at": IMG, "ended_at": SCRIPT, "config_hash": IMG,
         "stopped_early": SCRIPT, "trainable_params": 10, "total_params": 100,
-        "cost": {"train_seconds": 3.0 + variant, "wall_seconds": 5.0, "energy_kwh": 1e-4 * (variant + 1), "co2_kg": 5e-5,
-                 "flops": 1e9, "flops_formula": SCRIPT,
+        "cost": {"train_seconds": 3.0 + variant, "wall_seconds": 5.0, "energy_kwh": 1e-4 * (variant + 1),
+                 "co2_kg": 5e-5, "flops": 1e9, "flops_formula": SCRIPT,
                  "energy": {"energy_kwh": 1e-4, "co2_kg": 5e-5, "method": IMG, "tool": SCRIPT, "tracking_mode": IMG,
-                            "methods": {"ram": SCRIPT}, "carbon_intensity_g_per_kwh": 475, "carbon_intensity_source": IMG,
-                            "cpu_kwh": 6e-5, "ram_kwh": 4e-5}},
+                            "methods": {"ram": SCRIPT}, "carbon_intensity_g_per_kwh": 475,
+                            "carbon_intensity_source": IMG, "cpu_kwh": 6e-5, "ram_kwh": 4e-5}},
     }
     (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     records = []
     for step in (1, 2, 3, 4):
-        records.append({"type": "train", "step": step, "loss": 1.0 / step, "lr": {IMG: 0.01, f"head {SCRIPT} $a_$": 0.02}})
+        records.append({"type": "train", "step": step, "loss": 1.0 / step,
+                        "lr": {IMG: 0.01, f"head {SCRIPT} $a_$": 0.02}})
         if step % 2 == 0:
             records.append({"type": "eval", "step": step, "eval_loss": 0.8 / step, f"eval_{metric}": 0.25 * step,
                             f"eval_{IMG} $x^$": 0.1 * step, "best": step == 2})
@@ -61,10 +62,12 @@ def hostile_run(folder: Path, variant: int = 0) -> Path:
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     labels = [SCRIPT, IMG, "$x^$"]  # an even count of $: mathtext, and a bad formula
     block = {"step": 2, "matrix": [[3, 1, 0], [0, 2, 1], [1, 0, 4]]}
-    (folder / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "eval": block, "test": {**block, "step": IMG}}),
+    (folder / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "eval": block,
+                                                              "test": {**block, "step": IMG}}),
                                                   encoding="utf-8")
     (folder / "data_report.json").write_text(json.dumps({"warnings": [
-        f"train: 3 duplicate example(s), e.g. {SCRIPT}", f"class imbalance: {IMG!r} has 9 examples"]}), encoding="utf-8")
+        f"train: 3 duplicate example(s), e.g. {SCRIPT}", f"class imbalance: {IMG!r} has 9 examples"]}),
+        encoding="utf-8")
     (folder / "meta.json").write_text(json.dumps({"labels": labels}), encoding="utf-8")
     return folder
 
@@ -89,8 +92,9 @@ def assert_inert(page: str) -> None:
     p = Tags()
     p.feed(page)
     names = {t for t, _ in p.tags}
-    assert names <= {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "div", "main", "section", "table",
-                     "thead", "tbody", "tr", "th", "td", "span", "p", "ul", "li", "pre", "figure", "figcaption", "img", "footer"}, names
+    assert names <= {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "div", "main", "section",
+                     "table", "thead", "tbody", "tr", "th", "td", "span", "p", "ul", "li", "pre", "figure",
+                     "figcaption", "img", "footer"}, names
     for tag, attrs in p.tags:
         assert not [a for a in attrs if a.startswith("on")], (tag, attrs)
         assert set(attrs) <= {"lang", "charset", "name", "content", "class", "id", "src", "alt"}, (tag, attrs)
@@ -126,8 +130,8 @@ def test_run_page_escapes_everything_from_the_folder(hostile, tmp_path):
         assert res.exit_code == 0, res.output
         page = out.read_text(encoding="utf-8")
         assert_inert(page)
-        for alt in ("loss curves", "metric curves", "learning-rate schedule", "eval confusion matrix", "test confusion matrix",
-                    "trainable-parameter share", "energy split"):
+        for alt in ("loss curves", "metric curves", "learning-rate schedule", "eval confusion matrix",
+                    "test confusion matrix", "trainable-parameter share", "energy split"):
             assert f'alt="{alt}"' in page, alt  # every plot was drawn, `$` in labels and names included
         assert html.escape("duplicate example(s), e.g. " + SCRIPT) in page  # the data warnings, as text
 
@@ -140,7 +144,8 @@ def test_compare_and_sweep_pages_escape_everything(hostile, tmp_path):
     page = out.read_text(encoding="utf-8")
     assert_inert(page)
     assert "Pareto plot" in page and "training loss overlaid" in page and "eval metric overlaid" in page
-    assert html.escape(f"quality: test {SCRIPT}") in page and html.escape(f"Pareto front of test {SCRIPT}") in page  # the metric name
+    # the metric name
+    assert html.escape(f"quality: test {SCRIPT}") in page and html.escape(f"Pareto front of test {SCRIPT}") in page
     # a folder that cannot be read is named on the page, escaped like the rest
     broken = hostile / f"broken {IMG}"
     broken.mkdir()

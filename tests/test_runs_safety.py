@@ -27,7 +27,8 @@ def fake_run(folder: Path, accuracy: float, r: int = 4, seed: int = 0, sweep: Pa
     if sweep is not None:
         config["track"] = {"sweep": str(sweep)}
     (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    (folder / "summary.json").write_text(json.dumps({"status": "completed", "monitor": "accuracy", "best": {"accuracy": accuracy},
+    (folder / "summary.json").write_text(json.dumps({"status": "completed", "monitor": "accuracy",
+                                                     "best": {"accuracy": accuracy},
                                                      "cost": {"train_seconds": 1.0 + r}, **summary}), encoding="utf-8")
     (folder / "meta.json").write_text(json.dumps({"labels": ["a", "b"]}), encoding="utf-8")
     return folder
@@ -71,7 +72,8 @@ def test_where_value_that_is_not_a_number_is_an_error(root, expr, value):
 def test_where_reads_the_value_by_the_column(root):
     assert {r["name"] for r in listed(root, "--where", "accuracy>=0.9")} == {"high[bold]"}
     assert {r["name"] for r in listed(root, "--where", "best_accuracy<0.9")} == {"low", "gone"}
-    assert {r["name"] for r in listed(root, "--where", "method.r=8")} == {"high[bold]"}  # a config key by its dotted path
+    # a config key by its dotted path
+    assert {r["name"] for r in listed(root, "--where", "method.r=8")} == {"high[bold]"}
     assert {r["name"] for r in listed(root, "--where", "train.lr<0.005", "--kind", "run")} == {"low"}
     assert {r["name"] for r in listed(root, "--where", "name=low")} == {"low"}
     res = invoke("runs", "list", "--root", str(root), "--where", "method>lora")
@@ -199,7 +201,8 @@ def test_index_that_cannot_be_read_now_is_not_called_damaged(root, monkeypatch, 
         res = invoke(*cmd, "--root", str(root))
         assert res.exit_code == 2, res.output
         assert says in res.text and str(root / "index.sqlite") in res.text, res.text
-        assert "is damaged" not in res.text and "move it away" not in res.text and "rebuild" not in res.text.replace("do not rebuild", "")
+        assert "is damaged" not in res.text and "move it away" not in res.text
+        assert "rebuild" not in res.text.replace("do not rebuild", "")
     monkeypatch.undo()
     assert _snapshot(root) == before and (root / "low").is_dir()
 
@@ -241,7 +244,8 @@ def test_full_disk_during_refresh_lists_the_folders_and_keeps_every_row(root, mo
 
 def test_locked_index_during_refresh_still_lists(root, monkeypatch):
     listed(root)
-    (root / "low" / "summary.json").write_text(json.dumps({"status": "completed", "monitor": "accuracy", "best": {"accuracy": 0.7}}))
+    (root / "low" / "summary.json").write_text(json.dumps({"status": "completed", "monitor": "accuracy",
+                                                           "best": {"accuracy": 0.7}}))
     _fail_sqlite(monkeypatch, "BEGIN IMMEDIATE", sqlite3.OperationalError("database is locked"))
     res = invoke("runs", "list", "--root", str(root), "--json")
     assert res.exit_code == 0, res.output

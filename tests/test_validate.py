@@ -91,7 +91,8 @@ def test_a_factory_that_does_not_import_fails(tmp_path, body, said):
     factory = tmp_path / "my_factory.py"
     factory.write_text(body, encoding="utf-8")
     root = write_image_folder(tmp_path / "imgs", 3, modes=("RGB",))
-    code, out = validate(write_cfg(tmp_path, {"factory": f"{factory}:build"}, {"train": str(root)}, "image-classification"))
+    code, out = validate(write_cfg(tmp_path, {"factory": f"{factory}:build"}, {"train": str(root)},
+                                   "image-classification"))
     assert code == 2, out
     assert "model.factory" in out and said in out, out
 

@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 # every adapter wrap: a dependency's noise the user can do nothing about (peft/peft_model.py)
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-__all__ = ["run", "evaluate", "predict", "merge", "sweep", "lr_find", "load_config", "load_run", "ConfigError", "RunResult"]
+__all__ = ["run", "evaluate", "predict", "merge", "sweep", "lr_find", "load_config", "load_run", "ConfigError",
+           "RunResult"]
 
 
 def __getattr__(name):  # keep `import slimtune` (and `slimtune --help`) fast: torch loads on first use

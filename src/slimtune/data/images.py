@@ -8,7 +8,8 @@ Sources (data.train / eval / test):
                                  a column of paths (data.image_column, relative to the file's folder)
                                  and a label column
   MNIST-style idx files          <prefix>-images-idx3-ubyte[.gz] (labels: <prefix>-labels-idx1-ubyte[.gz])
-  .npz                           arrays `images` (or `x`) N x H x W [x C], uint8 or float in [0, 1], and `labels` (or `y`)
+  .npz                           arrays `images` (or `x`) N x H x W [x C], uint8 or float in [0, 1],
+                                 and `labels` (or `y`)
   hf:<name>[:<split>] / a saved `datasets` folder with an image column
 
 Checks before training: every image file is decoded once (unreadable or truncated images are named
@@ -145,7 +146,8 @@ def _read_idx(path: Path) -> np.ndarray:
         dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         if data.size != int(np.prod(dims)):
-            raise ValueError(f"header says {dims} = {int(np.prod(dims))} values, the file holds {data.size} (truncated?)")
+            raise ValueError(f"header says {dims} = {int(np.prod(dims))} values, "
+                             f"the file holds {data.size} (truncated?)")
         return data.reshape(dims)
     except (OSError, EOFError, ValueError, struct.error) as e:
         raise DataError(f"{path}: not a readable idx file: {e}") from None
@@ -177,14 +179,16 @@ def read_npz(path: Path) -> ImageTable:
     xk = next((k for k in ("images", "x", "X") if k in z.files), None)
     yk = next((k for k in ("labels", "y", "Y") if k in z.files), None)
     if xk is None or yk is None:
-        raise DataError(f"{path}: expected arrays 'images' (or 'x') and 'labels' (or 'y'); the file has: {', '.join(z.files)}")
+        raise DataError(f"{path}: expected arrays 'images' (or 'x') and 'labels' (or 'y'); "
+                        f"the file has: {', '.join(z.files)}")
     images, labels = z[xk], z[yk]
     if images.ndim not in (3, 4) or len(labels) != len(images):
         raise DataError(f"{path}: images {images.shape} and labels {labels.shape} do not match (N x H x W [x C] and N)")
     from .validate import label_values
 
     store = ArrayStore(images, str(path))
-    return ImageTable([("array", store, i) for i in range(len(images))], label_values(labels.tolist(), str(path), yk), str(path))
+    return ImageTable([("array", store, i) for i in range(len(images))], label_values(labels.tolist(), str(path), yk),
+                      str(path))
 
 
 def read_folder(path: Path) -> ImageTable:
@@ -240,8 +244,9 @@ def read_images(source: str, image_column: str = "image", label_column: str = "l
         return read_npz(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
         return read_table(source, image_column, label_column)
-    raise DataError(f"{source}: not an image data source; give a folder of class folders, a .csv/.tsv/.jsonl/.json/.parquet "
-                    "of paths and labels, an idx file (*-images-idx3-ubyte[.gz]), an .npz, a saved datasets folder or hf:<name>")
+    raise DataError(f"{source}: not an image data source; give a folder of class folders, "
+                    "a .csv/.tsv/.jsonl/.json/.parquet of paths and labels, an idx file (*-images-idx3-ubyte[.gz]), "
+                    "an .npz, a saved datasets folder or hf:<name>")
 
 
 # -- checks ------------------------------------------------------------------
@@ -255,7 +260,8 @@ def check_images(table: ImageTable, split: str, policy: str, report) -> ImageTab
     arrays = [r for r in table.refs if not isinstance(r, str)]
     if arrays and len(arrays) == len(table.refs) and table.refs and table.refs[0][0] == "array":
         imgs = table.refs[0][1].images
-        modes["L" if imgs.ndim == 3 or imgs.shape[-1] == 1 else "RGB" if imgs.shape[-1] == 3 else f"{imgs.shape[-1]}ch"] = len(arrays)
+        mode = "L" if imgs.ndim == 3 or imgs.shape[-1] == 1 else "RGB" if imgs.shape[-1] == 3 else f"{imgs.shape[-1]}ch"
+        modes[mode] = len(arrays)
         sizes = [imgs.shape[1:3]]
     else:
         for i, ref in enumerate(table.refs):
@@ -270,7 +276,8 @@ def check_images(table: ImageTable, split: str, policy: str, report) -> ImageTab
                     modes["decoded"] += 1
                     sizes.append(im.size[::-1])
             except Exception as e:  # PIL raises many kinds: OSError, UnidentifiedImageError, SyntaxError, ...
-                bad.append((i, ref if isinstance(ref, str) else f"{table.source} row {ref[-1]}", f"{type(e).__name__}: {e}"))
+                bad.append((i, ref if isinstance(ref, str) else f"{table.source} row {ref[-1]}",
+                            f"{type(e).__name__}: {e}"))
     report.stats[f"{split}_image_modes"] = dict(modes)
     if sizes:
         hs, ws = [s[0] for s in sizes], [s[1] for s in sizes]
@@ -280,7 +287,8 @@ def check_images(table: ImageTable, split: str, policy: str, report) -> ImageTab
         report.stats[f"{split}_converted_to_rgb"] = sum(modes[m] for m in mixed)
     if not bad:
         return table
-    shown = "; ".join(f"{p} ({why})" for _, p, why in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+    more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+    shown = "; ".join(f"{p} ({why})" for _, p, why in bad[:10]) + more
     if policy == "fail":
         raise DataError(f"{split}: {len(bad)} of {len(table)} image(s) cannot be read: {shown}. "
                         "Fix or remove them, or set data.bad_images: skip to train without them")

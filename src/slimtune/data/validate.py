@@ -30,7 +30,8 @@ def require_columns(ds: Dataset, columns: list[str], source: str, key_hint: dict
         if col not in ds.column_names:
             key = key_hint.get(col, "data")
             raise DataError(
-                f"{source}: column {col!r} not found (set by {key}); the file has columns: {', '.join(ds.column_names) or '(none)'}"
+                f"{source}: column {col!r} not found (set by {key}); "
+                f"the file has columns: {', '.join(ds.column_names) or '(none)'}"
             )
 
 
@@ -67,8 +68,8 @@ def empty_text_warning(report: DataReport, values, source: str, column: str) -> 
     empty = [i for i, v in enumerate(values) if _blank(v)]
     if empty:
         report.stats.setdefault("empty_texts", {})[f"{source} ({column})"] = len(empty)
-        report.warn(f"{source}: column {column!r} has {len(empty)} empty or whitespace-only text(s) ({_records(empty)}); "
-                    "the model sees only its special tokens for them")
+        report.warn(f"{source}: column {column!r} has {len(empty)} empty or whitespace-only text(s) "
+                    f"({_records(empty)}); the model sees only its special tokens for them")
 
 
 def check_class_sizes(labels: list[str], source: str, minimum: int) -> None:
@@ -77,8 +78,9 @@ def check_class_sizes(labels: list[str], source: str, minimum: int) -> None:
     if small:
         shown = ", ".join(f"{k!r} ({v})" for k, v in sorted(small.items(), key=lambda kv: kv[1])[:10])
         raise DataError(
-            f"{source}: {len(small)} class(es) have fewer than {minimum} examples, too few to split into train and eval: "
-            f"{shown}; add examples, drop or merge these classes, or give a separate eval file (data.eval)"
+            f"{source}: {len(small)} class(es) have fewer than {minimum} examples, "
+            f"too few to split into train and eval: {shown}; "
+            "add examples, drop or merge these classes, or give a separate eval file (data.eval)"
         )
 
 
@@ -96,9 +98,9 @@ def text_warnings(report: DataReport, split: str, texts: list[str], others: dict
     counts = Counter(texts)
     dup = sum(v - 1 for v in counts.values() if v > 1)
     if dup:
-        report.warn(f"{split}: {dup} duplicate example(s) ({dup / max(1, len(texts)):.1%}); copies have the same length, "
-                    "so length-grouped batches tend to hold several copies of one example: deduplicate, or set "
-                    "train.group_by_length: false")
+        report.warn(f"{split}: {dup} duplicate example(s) ({dup / max(1, len(texts)):.1%}); "
+                    "copies have the same length, so length-grouped batches tend to hold several copies of "
+                    "one example: deduplicate, or set train.group_by_length: false")
     for name, other in (others or {}).items():
         overlap = len(set(texts) & set(other))
         if overlap:
@@ -113,4 +115,5 @@ def imbalance_warning(report: DataReport, labels: list[str], threshold: float = 
         if hi / lo >= threshold:
             big = max(counts, key=counts.get)
             small = min(counts, key=counts.get)
-            report.warn(f"class imbalance: {big!r} has {hi} examples, {small!r} only {lo} ({hi / lo:.0f}x); consider macro_f1 as the monitored metric")
+            report.warn(f"class imbalance: {big!r} has {hi} examples, {small!r} only {lo} ({hi / lo:.0f}x); "
+                        "consider macro_f1 as the monitored metric")

@@ -89,7 +89,8 @@ def factory_source(spec: str) -> ModelSource:
     return ModelSource(spec, None, None, "factory")
 
 
-def build(spec: str, num_labels: int, labels: list[str], factory_args: dict | None = None) -> tuple[nn.Module, list[str]]:
+def build(spec: str, num_labels: int, labels: list[str],
+          factory_args: dict | None = None) -> tuple[nn.Module, list[str]]:
     """(model, head module names) from the user's factory."""
     fn = _import(spec)
     try:

@@ -13,7 +13,8 @@ from . import plots
 
 CSS = """
 *{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f7f9}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;\
+margin:0;color:#1f2328;background:#f6f7f9}
 header{background:#1f2937;color:#fff;padding:16px 28px}
 header h1{margin:0;font-size:21px;font-weight:600;word-break:break-all}
 header .sub{opacity:.8;font-size:13px;margin-top:6px}
@@ -105,7 +106,8 @@ def status_html(status: str | None) -> Html:
 def table(headers: list, rows: list[list], numeric: set[int] | None = None, row_class: list[str] | None = None) -> Html:
     """Cells are escaped unless they are Html."""
     numeric = numeric or set()
-    out = [Html('<div class="scroll"><table><thead><tr>'), *(h("<th>{}</th>", c) for c in headers), Html("</tr></thead><tbody>")]
+    out = [Html('<div class="scroll"><table><thead><tr>'), *(h("<th>{}</th>", c) for c in headers),
+           Html("</tr></thead><tbody>")]
     for i, row in enumerate(rows):
         cls = row_class[i] if row_class else ""
         out.append(h('<tr class="{}">', cls) if cls else Html("<tr>"))
@@ -156,15 +158,17 @@ def cost_rows(cost: dict, summary: dict) -> list[tuple[str, object]]:
         ("peak device memory", fmt(cost.get("device_peak_mb") or summary.get("device_peak_mb"), " MB")),
         ("samples seen", fmt(cost.get("samples_seen") or summary.get("samples_seen"))),
         ("tokens seen", fmt(cost.get("tokens_seen") or summary.get("tokens_seen"))),
-        ("training FLOPs (estimate)", f"{fmt(cost.get('flops'))}  = {cost.get('flops_formula', '')}" if cost.get("flops") else "-"),
+        ("training FLOPs (estimate)",
+         f"{fmt(cost.get('flops'))}  = {cost.get('flops_formula', '')}" if cost.get("flops") else "-"),
     ]
     if e.get("energy_kwh") is not None:
         rows += [
             ("energy", f"{fmt(e['energy_kwh'])} kWh ({fmt(e['energy_kwh'] * 1000)} Wh)"),
             ("CO2", f"{fmt(e['co2_kg'])} kg CO2e ({fmt(e['co2_kg'] * 1000)} g)"),
-            ("measured with", f"{e.get('method')} (RAM: {((e.get('methods') or {}).get('ram')) or '-'}; {e.get('tool')}, "
-                              f"{e.get('tracking_mode')} mode)"),
-            ("grid carbon intensity", f"{fmt(e.get('carbon_intensity_g_per_kwh'))} g CO2e/kWh ({e.get('carbon_intensity_source')})"),
+            ("measured with", f"{e.get('method')} (RAM: {((e.get('methods') or {}).get('ram')) or '-'}; "
+                              f"{e.get('tool')}, {e.get('tracking_mode')} mode)"),
+            ("grid carbon intensity", f"{fmt(e.get('carbon_intensity_g_per_kwh'))} g CO2e/kWh "
+                                      f"({e.get('carbon_intensity_source')})"),
         ]
         if cost.get("sessions", 1) > 1:
             rows.append(("sessions", f"{cost['sessions']} (resumed; time and energy are summed)"))
@@ -182,16 +186,45 @@ def _dict(x) -> dict:
     return x if isinstance(x, dict) else {}
 
 
+def _run_curves(recs: list[dict], fmt_img: str) -> Html:
+    return join([
+        figure(plots.loss_curves(recs, fmt_img), "training loss (logged every train.log_every steps) and eval loss",
+               "loss curves"),
+        figure(plots.metric_curves(recs, fmt_img),
+               "eval metrics per evaluation; the star marks the best checkpoint, the dashed line the test score",
+               "metric curves", wide=len([n for n in plots.eval_metric_names(recs) if n != "loss"]) > 1),
+        figure(plots.lr_schedule(recs, fmt_img), "learning rate of each optimizer parameter group",
+               "learning-rate schedule"),
+    ])
+
+
+def _confusion_figures(confusion: dict | None, fmt_img: str) -> Html:
+    cm = []
+    if confusion:
+        labels = confusion.get("labels")
+        for split, what in (("eval", "eval set, best checkpoint"), ("test", "test set, best checkpoint")):
+            block = confusion.get(split)
+            if block and block.get("matrix"):
+                cm.append(figure(plots.confusion(labels, block["matrix"], f"{split} (step {block.get('step')})",
+                                                 fmt_img),
+                                 f"confusion matrix, {what}; rows: true label, columns: predicted; "
+                                 "colour: share of the row",
+                                 f"{split} confusion matrix"))
+    return join(cm)
+
+
 def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = None) -> str:
     s, c, recs = info.summary, info.config, info.metrics
     method, model = _dict(c.get("method")), _dict(c.get("model"))
-    method_desc = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name" and not isinstance(v, (dict, list)))[:200]
+    method_desc = ", ".join(f"{k}={v}" for k, v in method.items()
+                            if k != "name" and not isinstance(v, (dict, list)))[:200]
     overview = kv_table([
         ("status", status_html(info.status)),
         ("task", c.get("task")), ("model", model.get("name")),
         ("method", f"{method.get('name', 'lora')} ({method_desc})" if method_desc else method.get("name", "lora")),
         ("steps", f"{fmt(s.get('steps') or s.get('step'))} of {fmt(s.get('total_steps'))}"),
-        ("best checkpoint", f"step {s.get('best_step')} by {s.get('monitor')}" if s.get("best_step") is not None else "-"),
+        ("best checkpoint",
+         f"step {s.get('best_step')} by {s.get('monitor')}" if s.get("best_step") is not None else "-"),
         ("stopped early", s.get("stopped_early") or "no"),
         ("precision / processes", f"{s.get('precision', '-')} / {s.get('num_processes', '-')}"),
         ("started / ended", f"{s.get('started_at', '-')} / {s.get('ended_at', '-')}"),
@@ -204,38 +237,28 @@ def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = Non
             if k not in names:
                 names.append(k)
     metric_rows = [[n, *(fmt((s.get(p) or {}).get(n)) for p in ("best", "final", "test"))] for n in names]
-    metrics = table(["metric", "best eval", "final eval", "test (best checkpoint)"], metric_rows, {1, 2, 3}) if names else \
-        Html('<p class="note">no evaluation yet</p>')
+    metrics = table(["metric", "best eval", "final eval", "test (best checkpoint)"], metric_rows, {1, 2, 3}) \
+        if names else Html('<p class="note">no evaluation yet</p>')
 
-    curves = join([
-        figure(plots.loss_curves(recs, fmt_img), "training loss (logged every train.log_every steps) and eval loss", "loss curves"),
-        figure(plots.metric_curves(recs, fmt_img), "eval metrics per evaluation; the star marks the best checkpoint, the dashed line the test score",
-               "metric curves", wide=len([n for n in plots.eval_metric_names(recs) if n != "loss"]) > 1),
-        figure(plots.lr_schedule(recs, fmt_img), "learning rate of each optimizer parameter group", "learning-rate schedule"),
-    ])
-    cm = []
-    if info.confusion:
-        labels = info.confusion.get("labels")
-        for split, what in (("eval", "eval set, best checkpoint"), ("test", "test set, best checkpoint")):
-            block = info.confusion.get(split)
-            if block and block.get("matrix"):
-                cm.append(figure(plots.confusion(labels, block["matrix"], f"{split} (step {block.get('step')})", fmt_img),
-                             f"confusion matrix, {what}; rows: true label, columns: predicted; colour: share of the row",
-                                 f"{split} confusion matrix"))
+    curves = _run_curves(recs, fmt_img)
+    cm = _confusion_figures(info.confusion, fmt_img)
     cost = info.cost
     params = figure(plots.param_share(s.get("trainable_params"), s.get("total_params"), fmt_img),
-                    "parameters the method trains (adapters and head) vs frozen base weights", "trainable-parameter share")
-    energy_fig = figure(plots.energy_split(cost.get("energy") or {}, fmt_img), "energy by component as codecarbon estimated it", "energy split")
+                    "parameters the method trains (adapters and head) vs frozen base weights",
+                    "trainable-parameter share")
+    energy_fig = figure(plots.energy_split(cost.get("energy") or {}, fmt_img),
+                        "energy by component as codecarbon estimated it", "energy split")
     warnings = (data_report or {}).get("warnings") or []
     data = join(h("<li>{}</li>", w) for w in (warnings if isinstance(warnings, list) else [warnings]))
-    cm = join(cm)
     body = join([
         section("Overview", overview),
         section("Metrics", metrics),
-        section("Curves", h('<div class="grid">{}</div>', curves) if curves else Html('<p class="note">no metrics logged yet</p>')),
+        section("Curves", h('<div class="grid">{}</div>', curves) if curves
+                else Html('<p class="note">no metrics logged yet</p>')),
         section("Confusion matrix", h('<div class="grid">{}</div>', cm) if cm else ""),
         section("Trainable parameters", params),
-        section("Cost and energy", h('<div class="grid"><div>{}</div>{}</div>', kv_table(cost_rows(cost, s)), energy_fig)),
+        section("Cost and energy",
+                h('<div class="grid"><div>{}</div>{}</div>', kv_table(cost_rows(cost, s)), energy_fig)),
         section("Data warnings", h("<ul>{}</ul>", data) if data else ""),
         section("Config", h("<pre>{}</pre>", yaml.safe_dump(c, sort_keys=False))),
     ])
@@ -268,6 +291,29 @@ def quality_of(infos: list[RunInfo]) -> tuple[str | None, str, bool]:
     return monitor, part, higher
 
 
+def _overlay_curves(named: list[tuple[str, list[dict]]], monitor: str | None, fmt_img: str) -> Html:
+    return join([
+        figure(plots.overlay(named, "train", "loss", "Training loss", "loss", fmt_img), "training loss of each run",
+               "training loss overlaid"),
+        figure(plots.overlay(named, "eval", f"eval_{monitor}", f"Eval {monitor}", monitor, fmt_img)
+               if monitor and monitor != "loss" else None,
+               f"eval {monitor} of each run", "eval metric overlaid"),
+        figure(plots.overlay(named, "eval", "eval_loss", "Eval loss", "loss", fmt_img), "eval loss of each run",
+               "eval loss overlaid"),
+    ])
+
+
+def _cost_table(infos: list[RunInfo]) -> Html:
+    return table(["run", "wall", "train", "CPU time", "peak host MB", "samples", "tokens", "FLOPs", "energy (Wh)",
+                  "CO2 (g)", "measured with"],
+                 [[i.name, duration(i.cost.get("wall_seconds")),
+                   duration(i.cost.get("train_seconds") or i.summary.get("train_seconds")),
+                   duration(i.cost.get("cpu_seconds")), fmt(i.cost.get("host_peak_rss_mb")),
+                   fmt(i.cost.get("samples_seen")), fmt(i.cost.get("tokens_seen")), fmt(i.cost.get("flops")),
+                   fmt(_x1000(i.cost.get("energy_kwh"))), fmt(_x1000(i.cost.get("co2_kg"))),
+                   (i.cost.get("energy") or {}).get("method") or "-"] for i in infos], set(range(1, 10)))
+
+
 def compare_page(infos: list[RunInfo], title: str, fmt_img: str = "svg", notes: list[str] | None = None) -> str:
     monitor, part, higher = quality_of(infos)
     diff = differing_keys([i.config for i in infos])
@@ -275,42 +321,40 @@ def compare_page(infos: list[RunInfo], title: str, fmt_img: str = "svg", notes: 
     for i in infos:
         q = (i.summary.get(part) or {}).get(monitor) if monitor else None
         wh = i.cost.get("energy_kwh") * 1000 if isinstance(i.cost.get("energy_kwh"), (int, float)) else None
-        points.append({"name": i.name, "quality": q, "train_seconds": i.cost.get("train_seconds") or i.summary.get("train_seconds"),
+        points.append({"name": i.name, "quality": q,
+                       "train_seconds": i.cost.get("train_seconds") or i.summary.get("train_seconds"),
                        "energy_wh": wh})
     front = set()
-    valid = [k for k, p in enumerate(points) if isinstance(p["quality"], (int, float)) and isinstance(p["train_seconds"], (int, float))]
+    valid = [k for k, p in enumerate(points)
+             if isinstance(p["quality"], (int, float)) and isinstance(p["train_seconds"], (int, float))]
     if valid:
-        front = {valid[j] for j in plots.pareto_front([(points[k]["train_seconds"], points[k]["quality"]) for k in valid], higher)}
+        front = {valid[j] for j in plots.pareto_front([(points[k]["train_seconds"], points[k]["quality"])
+                                                        for k in valid], higher)}
     qlabel = f"{part} {monitor}" if monitor else "quality"
     headers = ["run", "status", *diff[:8], qlabel, "train time", "energy (Wh)", "CO2 (g)", "trainable"]
     rows = []
     for k, i in enumerate(infos):
         fl = flat(i.config)
         rows.append([i.name, status_html(i.status), *(fl.get(d) for d in diff[:8]), fmt(points[k]["quality"]),
-                     duration(points[k]["train_seconds"]), fmt(points[k]["energy_wh"]), fmt(_x1000(i.cost.get("co2_kg"))),
-                     fmt(i.summary.get("trainable_share") * 100, "%") if isinstance(i.summary.get("trainable_share"), float) else "-"])
+                     duration(points[k]["train_seconds"]), fmt(points[k]["energy_wh"]),
+                     fmt(_x1000(i.cost.get("co2_kg"))),
+                     fmt(i.summary.get("trainable_share") * 100, "%")
+                     if isinstance(i.summary.get("trainable_share"), float) else "-"])
     n_diff = len(diff[:8])
-    table_html = table(headers, rows, set(range(2 + n_diff, 7 + n_diff)), ["front" if k in front else "" for k in range(len(infos))])
+    table_html = table(headers, rows, set(range(2 + n_diff, 7 + n_diff)),
+                       ["front" if k in front else "" for k in range(len(infos))])
     table_html += h('<p class="note">highlighted: on the Pareto front of {q} vs training time ({better} is better). '
                     "Columns between status and {q}: the config keys that differ{more}.</p>",
-                    q=qlabel, better="higher" if higher else "lower", more=" (first 8; all below)" if len(diff) > 8 else "")
-    named = [(i.name, i.metrics) for i in infos]
-    curves = join([
-        figure(plots.overlay(named, "train", "loss", "Training loss", "loss", fmt_img), "training loss of each run", "training loss overlaid"),
-        figure(plots.overlay(named, "eval", f"eval_{monitor}", f"Eval {monitor}", monitor, fmt_img) if monitor and monitor != "loss" else None,
-               f"eval {monitor} of each run", "eval metric overlaid"),
-        figure(plots.overlay(named, "eval", "eval_loss", "Eval loss", "loss", fmt_img), "eval loss of each run", "eval loss overlaid"),
-    ])
+                    q=qlabel, better="higher" if higher else "lower",
+                    more=" (first 8; all below)" if len(diff) > 8 else "")
+    curves = _overlay_curves([(i.name, i.metrics) for i in infos], monitor, fmt_img)
     pareto = figure(plots.pareto(points, qlabel, higher, fmt_img) if monitor else None,
-                    "quality vs cost; red points are on the Pareto front (no run is both cheaper and better)", "Pareto plot")
+                    "quality vs cost; red points are on the Pareto front (no run is both cheaper and better)",
+                    "Pareto plot")
     diff_rows = [[d, *(flat(i.config).get(d) for i in infos)] for d in diff]
-    diff_html = table(["config key", *[i.name for i in infos]], diff_rows) if diff_rows else Html('<p class="note">the configs are the same</p>')
-    cost_tab = table(["run", "wall", "train", "CPU time", "peak host MB", "samples", "tokens", "FLOPs", "energy (Wh)", "CO2 (g)", "measured with"],
-                     [[i.name, duration(i.cost.get("wall_seconds")), duration(i.cost.get("train_seconds") or i.summary.get("train_seconds")),
-                       duration(i.cost.get("cpu_seconds")), fmt(i.cost.get("host_peak_rss_mb")), fmt(i.cost.get("samples_seen")),
-                       fmt(i.cost.get("tokens_seen")), fmt(i.cost.get("flops")), fmt(_x1000(i.cost.get("energy_kwh"))),
-                       fmt(_x1000(i.cost.get("co2_kg"))),
-                       (i.cost.get("energy") or {}).get("method") or "-"] for i in infos], set(range(1, 10)))
+    diff_html = table(["config key", *[i.name for i in infos]], diff_rows) if diff_rows \
+        else Html('<p class="note">the configs are the same</p>')
+    cost_tab = _cost_table(infos)
     note_html = join(h('<p class="note">{}</p>', n) for n in notes or [])
     body = join([
         section("Runs", join([table_html, note_html])),

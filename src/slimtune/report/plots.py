@@ -83,7 +83,8 @@ def loss_curves(records: list[dict], fmt: str = "svg") -> str | None:
         ax.plot(ex, ey, color=PALETTE[1], lw=1.5, marker="o", ms=4, label="eval loss")
     test = [r for r in records if r.get("type") == "test" and isinstance(r.get("test_loss"), (int, float))]
     if test:
-        ax.axhline(test[-1]["test_loss"], color=PALETTE[2], ls="--", lw=1, label=f"test loss ({test[-1]['test_loss']:.4f})")
+        ax.axhline(test[-1]["test_loss"], color=PALETTE[2], ls="--", lw=1,
+                   label=f"test loss ({test[-1]['test_loss']:.4f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("Loss")
@@ -100,11 +101,14 @@ def metric_curves(records: list[dict], fmt: str = "svg") -> str | None:
     for ax, name in zip(axes, names):
         xs, ys = _series(records, "eval", f"eval_{name}")
         ax.plot(xs, ys, color=PALETTE[1], marker="o", ms=4, lw=1.5, label=_label(f"eval {name}"))
-        best = [(r["step"], r[f"eval_{name}"]) for r in records if r.get("type") == "eval" and r.get("best") and f"eval_{name}" in r]
+        best = [(r["step"], r[f"eval_{name}"]) for r in records
+                if r.get("type") == "eval" and r.get("best") and f"eval_{name}" in r]
         if best:
-            ax.plot([best[-1][0]], [best[-1][1]], marker="*", ms=14, color=PALETTE[3], ls="none", label="best checkpoint")
+            ax.plot([best[-1][0]], [best[-1][1]], marker="*", ms=14, color=PALETTE[3], ls="none",
+                    label="best checkpoint")
         if isinstance(test.get(f"test_{name}"), (int, float)):
-            ax.axhline(test[f"test_{name}"], color=PALETTE[2], ls="--", lw=1, label=f"test ({test[f'test_{name}']:.4f})")
+            ax.axhline(test[f"test_{name}"], color=PALETTE[2], ls="--", lw=1,
+                       label=f"test ({test[f'test_{name}']:.4f})")
         ax.set_xlabel("optimizer step")
         ax.set_title(_t(name))
         ax.legend(frameon=False, fontsize=8)
@@ -197,7 +201,8 @@ def energy_split(energy: dict, fmt: str = "svg") -> str | None:
 
 # -- several runs ----------------------------------------------------------------
 
-def overlay(runs: list[tuple[str, list[dict]]], kind: str, key: str, title: str, ylabel: str, fmt: str = "svg") -> str | None:
+def overlay(runs: list[tuple[str, list[dict]]], kind: str, key: str, title: str, ylabel: str,
+            fmt: str = "svg") -> str | None:
     drawn = 0
     fig, (ax,) = _fig(w=6.8, h=3.6)
     for i, (name, records) in enumerate(runs):
@@ -232,7 +237,8 @@ def pareto_front(points: list[tuple[float, float]], higher_better: bool) -> list
 def pareto(runs: list[dict], quality: str, higher_better: bool, fmt: str = "svg") -> str | None:
     """runs: [{'name', 'quality', 'train_seconds', 'energy_wh'}]; one panel per cost with any values."""
     costs = [(k, lab) for k, lab in (("train_seconds", "training time (s)"), ("energy_wh", "energy (Wh)"))
-             if sum(isinstance(r.get(k), (int, float)) for r in runs if isinstance(r.get("quality"), (int, float))) >= 1]
+             if sum(isinstance(r.get(k), (int, float)) for r in runs
+                    if isinstance(r.get("quality"), (int, float))) >= 1]
     if not costs:
         return None
     fig, axes = _fig(w=6.0 * len(costs), h=4.0, ncols=len(costs))
@@ -244,11 +250,12 @@ def pareto(runs: list[dict], quality: str, higher_better: bool, fmt: str = "svg"
             on = i in front
             ax.scatter([x], [y], s=60 if on else 30, color=PALETTE[3] if on else PALETTE[0], zorder=3,
                        edgecolors="black" if on else "none")
-            ax.annotate(_t(name if len(name) <= 28 else name[:12] + "..." + name[-12:]), (x, y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7)
+            ax.annotate(_t(name if len(name) <= 28 else name[:12] + "..." + name[-12:]), (x, y),
+                        textcoords="offset points", xytext=(5, 4), fontsize=7)
         fx = sorted((pts[i][0], pts[i][1]) for i in front)
         if len(fx) > 1:
-            ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color=PALETTE[3], lw=1, alpha=0.7, label="Pareto front")
+            ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color=PALETTE[3], lw=1, alpha=0.7,
+                    label="Pareto front")
             ax.legend(frameon=False, fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel(_t(quality) + (" (higher is better)" if higher_better else " (lower is better)"))

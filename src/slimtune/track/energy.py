@@ -106,7 +106,8 @@ class EnergyMeter:
             import inspect
 
             # nothing written or sent anywhere: no emissions.csv, no API (codecarbon < 3 spells it save_to_file)
-            kw = ({"output_methods": []} if "output_methods" in inspect.signature(OfflineEmissionsTracker.__init__).parameters
+            kw = ({"output_methods": []}
+                  if "output_methods" in inspect.signature(OfflineEmissionsTracker.__init__).parameters
                   or "output_methods" in inspect.signature(OfflineEmissionsTracker.__mro__[1].__init__).parameters
                   else {"save_to_file": False})
             if self.grid["forced_intensity"] is not None:
@@ -125,8 +126,8 @@ class EnergyMeter:
 
     def stop(self) -> dict:
         """The energy record that goes into summary.json's cost."""
-        base = {"tool": "codecarbon", "tracking_mode": self.mode, "country": self.grid["country"], "region": self.grid["region"],
-                "carbon_intensity_source": self.grid["intensity_source"]}
+        base = {"tool": "codecarbon", "tracking_mode": self.mode, "country": self.grid["country"],
+                "region": self.grid["region"], "carbon_intensity_source": self.grid["intensity_source"]}
         if self.tracker is None:
             return {**base, "energy_kwh": None, "co2_kg": None, "method": None, "error": self.error or "not started"}
         try:
@@ -147,7 +148,8 @@ class EnergyMeter:
         return {
             **base,
             "energy_kwh": kwh, "co2_kg": co2,
-            "cpu_kwh": float(d.cpu_energy or 0.0), "gpu_kwh": float(d.gpu_energy or 0.0), "ram_kwh": float(d.ram_energy or 0.0),
+            "cpu_kwh": float(d.cpu_energy or 0.0), "gpu_kwh": float(d.gpu_energy or 0.0),
+            "ram_kwh": float(d.ram_energy or 0.0),
             "cpu_power_w": float(d.cpu_power or 0.0), "gpu_power_w": float(d.gpu_power or 0.0),
             "duration_s": float(d.duration or 0.0),
             "carbon_intensity_g_per_kwh": (co2 / kwh * 1000.0) if kwh > 0 else self.grid["forced_intensity"],

@@ -72,7 +72,8 @@ class MlflowSink:
             return
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"slimtune.run_name": run_name}).info.run_id
+        self.run_id = self.client.create_run(exp_id, run_name=run_name,
+                                             tags={"slimtune.run_name": run_name}).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in flat(config).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
@@ -128,7 +129,8 @@ class MlflowSink:
 
 
 class TensorBoardSink:
-    """Scalars per step (train/loss, train/lr/<group>, eval/<metric>, test/<metric>), the final cost, the config as text."""
+    """Scalars per step (train/loss, train/lr/<group>, eval/<metric>, test/<metric>), the final cost,
+    the config as text."""
 
     name = "tensorboard"
 
@@ -163,7 +165,8 @@ def open_sinks(cfg, run_dir: Path, config_yaml: str, previous_ids: dict | None =
                                 (previous_ids or {}).get("mlflow_run_id")))
     if t.tensorboard:
         # a shared folder gets one subfolder per run, so TensorBoard shows them side by side
-        sinks.append(TensorBoardSink(Path(t.tensorboard_dir) / run_dir.name if t.tensorboard_dir else run_dir / "tensorboard", config_yaml))
+        sinks.append(TensorBoardSink(Path(t.tensorboard_dir) / run_dir.name if t.tensorboard_dir
+                                     else run_dir / "tensorboard", config_yaml))
     return sinks
 
 
@@ -175,5 +178,6 @@ def safe_call(sinks: list, fn_name: str, *args) -> list:
             getattr(s, fn_name)(*args)
             kept.append(s)
         except Exception as e:
-            print(f"[tracking warning] {s.name} failed and is switched off for this run: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"[tracking warning] {s.name} failed and is switched off for this run: {type(e).__name__}: {e}",
+                  file=sys.stderr)
     return kept
