@@ -310,7 +310,7 @@ def child_cls_slimtune(plan, tmp, group: bool, fast_dropout: bool | None = None,
     return {
         "train_seconds": s["train_seconds"], "samples": s["samples_seen"], "tokens": s["tokens_seen"],
         "steps": s["steps"], "samples_per_s": s["samples_per_s"], "tokens_per_s": s["tokens_per_s"],
-        "peak_rss_train_mb": probe.rss_train, "peak_rss_end_mb": s["host_peak_rss_mb"],
+        "peak_rss_train_mb": probe.rss_train, "peak_rss_end_mb": s["cost"]["host_peak_rss_mb"],
         "trainable_params": s["trainable_params"],
         "test_accuracy": cls_accuracy(probe.model, tok, test_x, test_y, p["max_length"]),
         "dev_accuracy": cls_accuracy(probe.model, tok, dev_x, dev_y, p["max_length"]),
@@ -354,7 +354,8 @@ def child_cls_hf(plan, tmp, grouped: bool) -> dict:
         "train_seconds": loop_s, "samples": n, "tokens": int(trainer.state.num_input_tokens_seen),
         "steps": trainer.state.global_step, "samples_per_s": n / loop_s,
         "tokens_per_s": trainer.state.num_input_tokens_seen / loop_s,
-        "hf_train_runtime_s": out.metrics.get("train_runtime"), "hf_train_samples_per_second": out.metrics.get("train_samples_per_second"),
+        "hf_train_runtime_s": out.metrics.get("train_runtime"),
+        "hf_train_samples_per_second": out.metrics.get("train_samples_per_second"),
         "train_call_seconds": whole,
         "peak_rss_train_mb": timer.rss_train, "peak_rss_end_mb": rss_mb(),
         "trainable_params": count_trainable(model),
@@ -426,7 +427,8 @@ def child_chat_hf(plan, tmp, grouped: bool) -> dict:
         "train_seconds": loop_s, "samples": n, "tokens": int(trainer.state.num_input_tokens_seen),
         "steps": trainer.state.global_step, "samples_per_s": n / loop_s,
         "tokens_per_s": trainer.state.num_input_tokens_seen / loop_s,
-        "hf_train_runtime_s": out.metrics.get("train_runtime"), "hf_train_samples_per_second": out.metrics.get("train_samples_per_second"),
+        "hf_train_runtime_s": out.metrics.get("train_runtime"),
+        "hf_train_samples_per_second": out.metrics.get("train_samples_per_second"),
         "train_call_seconds": whole,
         "peak_rss_train_mb": timer.rss_train, "peak_rss_end_mb": rss_mb(),
         "trainable_params": count_trainable(model),
@@ -494,11 +496,13 @@ def summarize(results: dict, jobs: list[str]) -> tuple[str, dict]:
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for v, r in rows.items():
             row = (f"| {v} | {_fmt(r[key + '_median'])} | {', '.join(_fmt(x) for x in r[key + '_all'])} | "
-                   f"{_fmt(r['train_seconds'], 2)} | {r['steps']} | {_fmt(r['peak_rss_train_mb'], 0)} | {r['trainable_params']:,} | "
+                   f"{_fmt(r['train_seconds'], 2)} | {r['steps']} | {_fmt(r['peak_rss_train_mb'], 0)} | "
+                   f"{r['trainable_params']:,} | "
                    f"{_fmt(r.get('other_cores_during'), 2)} | ")
             sd = r.get(q[0] + "_sd")
             n_q = len(r.get(q[0] + "_all") or [1])
-            spread = f" ± {sd * (100 if job == 'cls' else 1):.{2 if job == 'cls' else 4}f} (sd, {n_q} seeds)" if n_q > 1 else ""
+            spread = (f" ± {sd * (100 if job == 'cls' else 1):.{2 if job == 'cls' else 4}f} (sd, {n_q} seeds)"
+                      if n_q > 1 else "")
             row += (f"{r[q[0]] * 100:.2f}{spread} |" if job == "cls" else f"{r[q[0]]:.4f}{spread} |")
             if job == "cls":
                 row += f" {r['dev_accuracy'] * 100:.2f} |"
@@ -533,7 +537,8 @@ def summarize(results: dict, jobs: list[str]) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 640 train examples, 8 chat steps")
     ap.add_argument("--jobs", default="cls,chat", help="comma list of jobs: cls, chat")
     ap.add_argument("--variants", default="slimtune,hf-default,hf-grouped",
@@ -545,7 +550,8 @@ def main(argv=None) -> int:
                     help="a run during which other processes used more than C cores counts as disturbed (default 0.25)")
     ap.add_argument("--retries", type=int, default=0,
                     help="rerun a disturbed variant up to this many times and keep its least disturbed run")
-    ap.add_argument("--repeats", type=int, default=1, help="run each variant this many times (interleaved); median throughput")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each variant this many times (interleaved); median throughput")
     ap.add_argument("--seeds", default="42", help="comma list of seeds, used in turn by the repeats (quality: the mean "
                                                  "over repeats; with one seed, repeats only repeat the timing)")
     ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS", str(DEFAULT_DATASETS)))
@@ -620,8 +626,9 @@ def main(argv=None) -> int:
                 j0, c0 = _cpu_jiffies(), child_cpu_seconds()
             except (OSError, ValueError, IndexError):
                 j0 = None
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, "--plan", str(plan_path),
-                                   "--result", str(res_path)], env={**env, "SLIMTUNE_BENCH_SEED": str(seed)}, cwd=str(ROOT),
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant,
+                                   "--plan", str(plan_path), "--result", str(res_path)],
+                                  env={**env, "SLIMTUNE_BENCH_SEED": str(seed)}, cwd=str(ROOT),
                                   capture_output=True, text=True)
             if proc.returncode != 0 or not res_path.exists():
                 print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
@@ -638,13 +645,16 @@ def main(argv=None) -> int:
                 hz = os.sysconf("SC_CLK_TCK")
                 r["other_cores_during"] = max(0.0, ((j1[0] - j0[0]) / hz - (c1 - c0)) / wall)
             key = "samples_per_s" if variant.startswith("cls") else "tokens_per_s"
-            qual = (f"test acc {r['test_accuracy'] * 100:.2f}" if variant.startswith("cls") else f"eval loss {r['eval_loss']:.4f}")
-            print(f"  {key}={r[key]:.1f}  train_s={r['train_seconds']:.1f}  peak_rss_train={r['peak_rss_train_mb']:.0f} MB  "
+            qual = (f"test acc {r['test_accuracy'] * 100:.2f}" if variant.startswith("cls")
+                    else f"eval loss {r['eval_loss']:.4f}")
+            print(f"  {key}={r[key]:.1f}  train_s={r['train_seconds']:.1f}  "
+                  f"peak_rss_train={r['peak_rss_train_mb']:.0f} MB  "
                   f"{qual}  ({time.perf_counter() - t0:.0f}s wall; other processes used "
                   f"{_fmt(r.get('other_cores_during'), 2)} cores meanwhile)", flush=True)
             return r
 
-        out = Path(args.out) if args.out else HERE / "results" / ("bench_core_quick.json" if args.quick else "bench_core.json")
+        out = Path(args.out) if args.out else HERE / "results" / ("bench_core_quick.json" if args.quick
+                                                                 else "bench_core.json")
 
         def save(final: bool) -> str:
             """Write the results so far (after every variant, so an interrupted run keeps what it measured)."""
@@ -669,9 +679,12 @@ def main(argv=None) -> int:
             tmp_out = out.with_suffix(".json.tmp")
             tmp_out.write_text(json.dumps({
                 "status": "complete" if final else "partial",
-                "command": " ".join(["python", "benchmarks/bench_core.py"] + (argv if argv is not None else sys.argv[1:])),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(), "load_average": load,
-                "params": {k: v for k, v in params.items() if k in jobs}, "lora": LORA, "results": results, "runs": runs,
+                "command": " ".join(["python", "benchmarks/bench_core.py"]
+                                    + (argv if argv is not None else sys.argv[1:])),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(),
+                "load_average": load,
+                "params": {k: v for k, v in params.items() if k in jobs}, "lora": LORA, "results": results,
+                "runs": runs,
                 "ratios": ratios, "table_md": table, "discarded_disturbed_runs": disturbed,
             }, indent=2, default=str))
             tmp_out.replace(out)
@@ -689,7 +702,8 @@ def main(argv=None) -> int:
                 if other is None or other <= args.max_other_cores:
                     break
                 if attempt < args.retries:
-                    print(f"  disturbed: other processes used {other:.2f} cores > {args.max_other_cores}; running it again")
+                    print(f"  disturbed: other processes used {other:.2f} cores > {args.max_other_cores}; "
+                          "running it again")
             if not tries:
                 continue
             best = min(tries, key=lambda x: x.get("other_cores_during") or 0.0)

@@ -52,8 +52,8 @@ def one(method: str, args) -> dict:
     s = res.summary
     return {"method": method, "test_accuracy": res.test_metrics["accuracy"], "share": s["trainable_share"],
             "trainable": s["trainable_params"], "wall_s": s["wall_seconds"], "train_s": s["train_seconds"],
-            "samples_per_s": s["samples_per_s"], "peak_rss_mb": s["host_peak_rss_mb"], "adapter_mb": size / 2**20,
-            "lr": cfg["train"]["lr"]}
+            "samples_per_s": s["samples_per_s"], "peak_rss_mb": s["cost"]["host_peak_rss_mb"],
+            "adapter_mb": size / 2**20, "lr": cfg["train"]["lr"]}
 
 
 def main():
@@ -83,8 +83,8 @@ def main():
     out = args.out or tempfile.mkdtemp(prefix="bench-methods-")
     rows = []
     for m in methods:
-        cmd = [sys.executable, __file__, "--child", m, "--train", str(args.train), "--epochs", str(args.epochs), "--out", out,
-               "--lr", args.lr]
+        cmd = [sys.executable, __file__, "--child", m, "--train", str(args.train), "--epochs", str(args.epochs),
+               "--out", out, "--lr", args.lr]
         row, err = run_result_child(cmd, args.wait_quiet)
         if row is None:
             print(f"{m}: failed\n{err[-2000:]}", file=sys.stderr)

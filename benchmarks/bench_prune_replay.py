@@ -129,7 +129,8 @@ def record(args) -> int:
         tmp_out.write_text(json.dumps(store, indent=1))
         os.replace(tmp_out, CURVES)
         print(f"[{i + 1}/{len(todo)}] {ps['train.lr']:.2e} r{ps['method.r']} warmup {ps['train.warmup']:.2f}: "
-              f"{' '.join('%.2f' % e['accuracy'] for e in rec.evals)}  test {store['trials'][-1]['test_accuracy']:.4f}  "
+              f"{' '.join('%.2f' % e['accuracy'] for e in rec.evals)}  "
+              f"test {store['trials'][-1]['test_accuracy']:.4f}  "
               f"{seconds:.1f}s", flush=True)
     return 0
 
@@ -172,13 +173,13 @@ def parse_rule(name: str) -> dict:
 
 
 def make_pruner(rule: dict):
-    """The pruner `slimtune sweep` builds for these settings (worker.make_pruner), optionally wrapped."""
+    """The pruner `slimtune sweep` builds for these settings (engine.make_pruner), optionally wrapped."""
     import optuna
 
-    from slimtune.sweep.worker import make_pruner as sweep_pruner
+    from slimtune.sweep.engine import make_pruner as sweep_pruner
 
-    pruner = sweep_pruner({"pruner": rule["kind"], "startup_trials": rule["startup"], "prune_after": rule["after"],
-                           "reduction_factor": rule["rf"]})
+    pruner = sweep_pruner(rule["kind"], startup_trials=rule["startup"], prune_after=rule["after"],
+                          reduction_factor=rule["rf"])
     if rule["patience"] is not None and rule["kind"] != "none":  # asks the pruner only once the trial stopped improving
         pruner = optuna.pruners.PatientPruner(pruner, patience=rule["patience"])
     return pruner
@@ -238,7 +239,8 @@ def evaluate(rule: dict, sweeps: list[list[dict]]) -> dict:
         d = 100 * ((best_test(got) or 0.0) - best_test(trials))
         deltas.append(d)
         within += d >= -0.5
-        both += d >= -0.5 and costs[-1] <= 0.40  # the benchmark's two targets (cost <= 0.40x, test >= -0.5 pt) in one sweep
+        # the benchmark's two targets (cost <= 0.40x, test >= -0.5 pt) in one sweep
+        both += d >= -0.5 and costs[-1] <= 0.40
     n = len(sweeps)
     return {"rule": rule, "mean_cost": sum(costs) / n, "worst_cost": max(costs), "best_kept": kept / n,
             "test_at_most_0.5_below": within / n, "both_targets": both / n, "mean_test_delta_pt": sum(deltas) / n,
@@ -261,15 +263,18 @@ def simulate(args) -> int:
     parsed = {name: parse_rule(name) for name in rules}
     out = {}
     print(f"{len(pool)} recorded trials; {len(sweeps)} sweeps of {args.trials} drawn from them (seed {args.seed})"
-          + (f"; 90% intervals from {args.bootstrap} resamples of the recorded trials" if args.bootstrap else "") + "\n")
-    print("| rule | mean cost | worst cost | best kept (dev) | test at most 0.5 pt below | both targets | mean test delta (pt) | worst delta |")
+          + (f"; 90% intervals from {args.bootstrap} resamples of the recorded trials" if args.bootstrap else "")
+          + "\n")
+    print("| rule | mean cost | worst cost | best kept (dev) | test at most 0.5 pt below | both targets "
+          "| mean test delta (pt) | worst delta |")
     print("|---|---|---|---|---|---|---|---|")
     for name in rules:
         o = out[name] = evaluate(parsed[name], sweeps)
         ci = ""
         if args.bootstrap:  # the pool itself is a sample (69 curves, one seed each): resample it, draw the sweeps again
             brng = random.Random(args.seed + 1)
-            reps = [evaluate(parsed[name], draw_sweeps(brng.choices(pool, k=len(pool)), args.bootstrap_sweeps, args.trials, brng))
+            reps = [evaluate(parsed[name], draw_sweeps(brng.choices(pool, k=len(pool)), args.bootstrap_sweeps,
+                                                       args.trials, brng))
                     for _ in range(args.bootstrap)]
             for key in ("test_at_most_0.5_below", "both_targets", "mean_cost"):
                 vals = sorted(r[key] for r in reps)
@@ -277,7 +282,8 @@ def simulate(args) -> int:
             w, b = o["test_at_most_0.5_below_90"], o["both_targets_90"]
             ci = f" ({100 * w[0]:.0f}-{100 * w[1]:.0f})", f" ({100 * b[0]:.0f}-{100 * b[1]:.0f})"
         print(f"| {name} | {o['mean_cost']:.2f}x | {o['worst_cost']:.2f}x | {100 * o['best_kept']:.0f}% | "
-              f"{100 * o['test_at_most_0.5_below']:.0f}%{ci[0] if ci else ''} | {100 * o['both_targets']:.0f}%{ci[1] if ci else ''} | "
+              f"{100 * o['test_at_most_0.5_below']:.0f}%{ci[0] if ci else ''} | "
+              f"{100 * o['both_targets']:.0f}%{ci[1] if ci else ''} | "
               f"{o['mean_test_delta_pt']:+.2f} | {o['worst_test_delta_pt']:+.2f} |")
     res = {"command": " ".join(["python", "benchmarks/bench_prune_replay.py"] + sys.argv[1:]),
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "pool": len(pool), "sweeps": len(sweeps), "trials": args.trials,

@@ -76,9 +76,11 @@ def base_config(plan: dict, out_dir: str) -> dict:
     return {
         "task": "text-classification",
         "model": {"name": MINILM, "max_length": p["max_length"]},
-        "data": {"train": f["train"], "eval": f["dev"], "test": f["test"], "text_column": "sentence", "label_column": "label"},
+        "data": {"train": f["train"], "eval": f["dev"], "test": f["test"], "text_column": "sentence",
+                 "label_column": "label"},
         "method": {"name": "lora", "r": 8, "alpha": 16.0, "dropout": 0.05},
-        "train": {"epochs": p["epochs"], "batch_size": p["batch_size"], "lr": 5e-4, "warmup": 0.06, "seed": SEED, "log_every": 50},
+        "train": {"epochs": p["epochs"], "batch_size": p["batch_size"], "lr": 5e-4, "warmup": 0.06, "seed": SEED,
+                  "log_every": 50},
         "eval": {"every_steps": p["eval_every"], "metrics": ["accuracy"]},
         "output": {"dir": out_dir, "save_checkpoints": False},
     }
@@ -128,12 +130,14 @@ def child_unpruned(plan: dict, tmp: str) -> dict:
     out = os.path.join(tmp, "runs")
     sweep_dir = Path(out) / "unpruned"
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=f"sqlite:///{sweep_dir / 'study.db'}", study_name="unpruned", direction="maximize")
+    study = optuna.create_study(storage=f"sqlite:///{sweep_dir / 'study.db'}", study_name="unpruned",
+                                direction="maximize")
     for t in pruned["trials"]:  # the very same parameter sets, in the same order
         study.enqueue_trial({k: t[k] for k in SPACE})
     result = sweep(sweep_config(plan, out, "none"), name="unpruned", log=lambda s: print(s, flush=True))
     out = _summarize_sweep(result)
-    same = [(t["train.lr"], t["method.r"]) for t in pruned["trials"]] == [(t["train.lr"], t["method.r"]) for t in out["trials"]]
+    same = ([(t["train.lr"], t["method.r"]) for t in pruned["trials"]]
+            == [(t["train.lr"], t["method.r"]) for t in out["trials"]])
     out["same_parameter_sets_as_pruned"] = same
     return out
 
@@ -153,7 +157,10 @@ def accuracy(model, tok, texts, labels, max_length, bs=64) -> float:
     enc = tok(texts, truncation=True, max_length=max_length)
     ids, am = enc["input_ids"], enc["attention_mask"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pad = lambda seqs, v: torch.tensor([s + [v] * (max(map(len, seqs)) - len(s)) for s in seqs])
+
+    def pad(seqs: list[list[int]], v: int) -> torch.Tensor:
+        return torch.tensor([s + [v] * (max(map(len, seqs)) - len(s)) for s in seqs])
+
     was = model.training
     model.eval()
     correct = 0
@@ -199,8 +206,8 @@ def child_hf(plan: dict, tmp: str) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
         rx = re.compile(r"encoder\.layer\.\d+\.")
         targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.search(n)]
-        return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=tp["r"], lora_alpha=16, lora_dropout=tp["dropout"],
-                                                target_modules=targets))
+        return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=tp["r"], lora_alpha=16,
+                                                lora_dropout=tp["dropout"], target_modules=targets))
 
     def hp_space(trial):
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True),
@@ -218,22 +225,24 @@ def child_hf(plan: dict, tmp: str) -> dict:
                 self.test[self.trainer._trial.number] = accuracy(model, tok, test_x, test_y, p["max_length"])
 
     args = TrainingArguments(
-        output_dir=os.path.join(tmp, "hf"), per_device_train_batch_size=p["batch_size"], per_device_eval_batch_size=2 * p["batch_size"],
-        num_train_epochs=p["epochs"], learning_rate=5e-4, lr_scheduler_type="linear", warmup_steps=0.0, weight_decay=0.01,
-        max_grad_norm=1.0, bf16=True, use_cpu=True, eval_strategy="steps", eval_steps=p["eval_every"], save_strategy="no",
+        output_dir=os.path.join(tmp, "hf"), per_device_train_batch_size=p["batch_size"],
+        per_device_eval_batch_size=2 * p["batch_size"], num_train_epochs=p["epochs"], learning_rate=5e-4,
+        lr_scheduler_type="linear", warmup_steps=0.0, weight_decay=0.01, max_grad_norm=1.0, bf16=True,
+        use_cpu=True, eval_strategy="steps", eval_steps=p["eval_every"], save_strategy="no",
         logging_steps=50, report_to="none", seed=SEED, disable_tqdm=True, train_sampling_strategy="group_by_length",
         remove_unused_columns=False)
     cb = TestAtEnd()
     trainer = Trainer(model_init=model_init, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
                       data_collator=DataCollatorWithPadding(tok), processing_class=tok, callbacks=[cb],
-                      compute_metrics=lambda ev: {"accuracy": float((np.argmax(ev.predictions, -1) == ev.label_ids).mean())})
+                      compute_metrics=lambda ev: {"accuracy": float((np.argmax(ev.predictions, -1)
+                                                                      == ev.label_ids).mean())})
     cb.trainer = trainer
     # the pruned sweep's pruner (slimtune's worker builds it), in HF's unit: optimizer steps, one evaluation =
     # eval_every steps
-    from slimtune.sweep.worker import make_pruner
+    from slimtune.sweep.engine import make_pruner
 
-    pruner = make_pruner({"pruner": p["pruner"], "startup_trials": 3, "prune_after": p["eval_every"] * p["prune_after"],
-                          "reduction_factor": p["reduction_factor"]})
+    pruner = make_pruner(p["pruner"], startup_trials=3, prune_after=p["eval_every"] * p["prune_after"],
+                         reduction_factor=p["reduction_factor"])
     t0 = time.perf_counter()
     best = trainer.hyperparameter_search(
         hp_space=hp_space, compute_objective=lambda m: m["eval_accuracy"], n_trials=p["trials"], direction="maximize",
@@ -284,11 +293,13 @@ def versions() -> dict:
 
 
 def table(res: dict, p: dict) -> str:
-    lines = ["| search | wall s | CPU s | trials (complete / pruned) | best dev acc | best trial's test acc | best lr | best r |",
+    lines = ["| search | wall s | CPU s | trials (complete / pruned) | best dev acc | best trial's test acc "
+             "| best lr | best r |",
              "|---|---|---|---|---|---|---|---|"]
     rule = p["pruner"] + (f" rf {p['reduction_factor']}" if p["pruner"] != "median" else "") + \
         (f", prune_after {p['prune_after']}" if p["prune_after"] != 1 else "")
-    for name, label in (("pruned", f"slimtune sweep, {rule}"), ("unpruned", "slimtune sweep, same 20 trials, no pruning"),
+    for name, label in (("pruned", f"slimtune sweep, {rule}"),
+                        ("unpruned", "slimtune sweep, same 20 trials, no pruning"),
                         ("hf", f"HF Trainer.hyperparameter_search (optuna), same pruner ({rule})")):
         r = res.get(name)
         if not r:
@@ -297,7 +308,8 @@ def table(res: dict, p: dict) -> str:
         lr = bp.get("train.lr", bp.get("learning_rate"))
         rank = bp.get("method.r", bp.get("r"))
         c = r["counts"]
-        lines.append(f"| {label} | {r['wall_s']:.0f} | {r.get('child_cpu_s', 0):.0f} | {c.get('complete', 0)} / {c.get('pruned', 0)} | "
+        lines.append(f"| {label} | {r['wall_s']:.0f} | {r.get('child_cpu_s', 0):.0f} | "
+                     f"{c.get('complete', 0)} / {c.get('pruned', 0)} | "
                      f"{_pct(r['best_dev_accuracy'])} | {_pct(r['best_test_accuracy'])} | {lr:.2e} | {rank} |")
     return "\n".join(lines)
 
@@ -317,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prune-on", default=None, metavar="METRIC",
                     help="sweep.prune_on for the pruned sweep (default: the objective, accuracy)")
     ap.add_argument("--prune-after", type=int, default=None, metavar="N",
-                    help="sweep.prune_after for the pruned sweep (and HF's pruner) (default 1: from the first evaluation)")
+                    help="sweep.prune_after for the pruned sweep (and HF's pruner) "
+                         "(default 1: from the first evaluation)")
     ap.add_argument("--reduction-factor", type=int, default=None, metavar="N",
                     help="sweep.reduction_factor for the pruned sweep (and HF's pruner) (default 4)")
     ap.add_argument("--pruner", default=None, choices=("median", "successive-halving", "hyperband"),
@@ -363,11 +376,12 @@ def main(argv=None) -> int:
         plan = {"params": p, "files": files, "tmp": tmp, "quick": args.quick, "results": results_paths}
         plan_path = Path(tmp) / "plan.json"
         plan_path.write_text(json.dumps(plan, indent=2))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
         src = ROOT / "src"
         env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
-        print(f"machine: {machine()}\nversions: {versions()}\nplan: {json.dumps(p)}\nload average: {os.getloadavg()}\n", flush=True)
+        print(f"machine: {machine()}\nversions: {versions()}\nplan: {json.dumps(p)}\n"
+              f"load average: {os.getloadavg()}\n", flush=True)
         res, loads = {}, {}
         for v in variants:
             if v == "unpruned" and "pruned" not in res:
@@ -379,9 +393,10 @@ def main(argv=None) -> int:
             la = os.getloadavg()
             print(f"== {v} (load {la[0]:.2f})", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", v, "--plan", str(plan_path),
-                                   "--result", results_paths[v]], env=env, cwd=str(ROOT), capture_output=True, text=True)
-            sweep_lines = [l for l in proc.stdout.splitlines() if l.startswith("[sweep]")]
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", v,
+                                   "--plan", str(plan_path), "--result", results_paths[v]],
+                                  env=env, cwd=str(ROOT), capture_output=True, text=True)
+            sweep_lines = [line for line in proc.stdout.splitlines() if line.startswith("[sweep]")]
             print("\n".join(sweep_lines[-(p["trials"] + 2):]), flush=True)
             if proc.returncode != 0 or not Path(results_paths[v]).exists():
                 print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
@@ -390,8 +405,8 @@ def main(argv=None) -> int:
             res[v] = json.loads(Path(results_paths[v]).read_text())
             loads[v] = {"before": la, "after": os.getloadavg(), "child_wall_s": time.perf_counter() - t0}
             r = res[v]
-            print(f"  {v}: " + ", ".join(f"{k}={r[k]}" for k in ("wall_s", "counts", "best_dev_accuracy", "best_test_accuracy",
-                                                                   "suggestion", "run_at_suggestion") if k in r), flush=True)
+            shown = ("wall_s", "counts", "best_dev_accuracy", "best_test_accuracy", "suggestion", "run_at_suggestion")
+            print(f"  {v}: " + ", ".join(f"{k}={r[k]}" for k in shown if k in r), flush=True)
         summary = {}
         if "pruned" in res and "unpruned" in res:
             a, b = res["pruned"], res["unpruned"]
@@ -410,7 +425,8 @@ def main(argv=None) -> int:
                     summary[f"lr_find_over_{v}_best_lr"] = lf["suggestion"] / best_lr if best_lr else None
         md = table(res, p)
         print("\n" + md + "\n\n" + json.dumps(summary, indent=2))
-        out = Path(args.out) if args.out else HERE / "results" / ("bench_sweep_quick.json" if args.quick else "bench_sweep.json")
+        out = Path(args.out) if args.out else HERE / "results" / ("bench_sweep_quick.json" if args.quick
+                                                                 else "bench_sweep.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "command": " ".join(["python", "benchmarks/bench_sweep.py"] + (argv if argv is not None else sys.argv[1:])),
