@@ -243,9 +243,11 @@ def test_model_may_be_given_as_its_name(tmp_path):
 
     cfg = load_config({**base(), "model": "sentence-transformers/all-MiniLM-L6-v2"})
     assert cfg.model.name == "sentence-transformers/all-MiniLM-L6-v2" and cfg.model.max_length == 256
-    assert cfg.model_dump(mode="json", exclude_unset=True)["model"] == {"name": "sentence-transformers/all-MiniLM-L6-v2"}
+    assert (cfg.model_dump(mode="json", exclude_unset=True)["model"]
+            == {"name": "sentence-transformers/all-MiniLM-L6-v2"})
     saved = yaml.safe_load(dump_config(cfg))
-    assert saved["model"]["name"] == "sentence-transformers/all-MiniLM-L6-v2" and saved["model"]["trust_remote_code"] is False
+    assert saved["model"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert saved["model"]["trust_remote_code"] is False
     path = tmp_path / "plain.yaml"
     path.write_text("task: text-classification\nmodel: org/model\ndata: {train: t.csv}\n", encoding="utf-8")
     assert load_config(path).model.name == "org/model"
@@ -373,7 +375,8 @@ def test_schema_prints_json_schema(runner):
             "oft", "boft", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "bitfit", "last-n-layers", "head-only",
             "full"} == set(method["discriminator"]["mapping"])
     lora = schema["$defs"][method["discriminator"]["mapping"]["lora"].split("/")[-1]]
-    assert {k: lora["properties"][k]["default"] for k in ("r", "alpha", "targets")} == {"r": 8, "alpha": 16, "targets": "auto"}
+    assert ({k: lora["properties"][k]["default"] for k in ("r", "alpha", "targets")}
+            == {"r": 8, "alpha": 16, "targets": "auto"})
     assert lora["properties"]["r"]["minimum"] == 1 and "rank" in lora["properties"]["r"]["description"]
 
 
@@ -381,6 +384,7 @@ def test_schema_prints_json_schema(runner):
 def no_model_loading(monkeypatch):
     """Record any attempt to resolve a model or load a tokenizer / data during `run`."""
     import slimtune.loading as loading
+    import slimtune.models as models
 
     calls = []
 
@@ -391,7 +395,7 @@ def no_model_loading(monkeypatch):
         return fn
 
     monkeypatch.setattr(loading, "resolve", recorder("resolve"))
-    monkeypatch.setattr(loading, "load_tokenizer", recorder("load_tokenizer"))
+    monkeypatch.setattr(models, "load_tokenizer", recorder("load_tokenizer"))  # the tasks' load_processor
     return calls
 
 

@@ -7,31 +7,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, the whole workflow.")
-err = Console(stderr=True)
-out = Console()
+from .cli_common import exit_on_user_error, fail, out, say_error, trust_option
+from .cli_report import report_cmd
+from .cli_runs import runs_app
+from .cli_sweep import lr_find_cmd, sweep_cmd
 
-
-def _user_errors():
-    from .config import ConfigError
-    from .data.readers import DataError
-    from .models.sources import ModelError
-    from .track.diskspace import NoSpaceError
-
-    return (ConfigError, DataError, ModelError, FileNotFoundError, NoSpaceError)
-
-
-def _trust_option():
-    return typer.Option(False, "--trust-run-code", help="load a run folder whose model runs code (its config sets "
-                        "model.trust_remote_code, or the model comes from a factory); a copied run folder is code")
-
-
-def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-    raise typer.Exit(2)
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Parameter-efficient fine-tuning, the whole workflow.")
 
 
 @app.command()
@@ -40,35 +24,33 @@ def run(
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides: train.lr=3e-4 method.r=16"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run from its folder; "
                                           "overrides may only extend it (train.epochs=N, train.max_steps=N)"),
-    trust_run_code: bool = _trust_option(),
+    trust_run_code: bool = trust_option(),
 ):
     """Fine-tune: data checks, training, evaluation; writes a run folder."""
     from . import api
 
     if config is None and resume is None:
-        _fail(ValueError("give a config file, or --resume RUN_DIR"))
+        fail("give a config file, or --resume RUN_DIR")
     if resume is not None and config is not None and "=" in str(config):
         overrides = [str(config), *(overrides or [])]
     try:
-        result = api.run(config, overrides=overrides, resume=resume, trust_run_code=trust_run_code)
-    except _user_errors() as e:
-        _fail(e)
+        with exit_on_user_error():
+            result = api.run(config, overrides=overrides, resume=resume, trust_run_code=trust_run_code)
     except KeyboardInterrupt:
         raise typer.Exit(130)
-    out.print_json(json.dumps({"run_dir": str(result.run_dir), "best": result.best_metrics, "test": result.test_metrics}))
+    out.print_json(json.dumps({"run_dir": str(result.run_dir), "best": result.best_metrics,
+                               "test": result.test_metrics}))
 
 
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder"),
           data: str = typer.Option(..., "--data", help="data file with the training columns"),
-          trust_run_code: bool = _trust_option()):
+          trust_run_code: bool = trust_option()):
     """Metrics of a run's adapter on another data file."""
     from . import api
 
-    try:
+    with exit_on_user_error():
         metrics = api.evaluate(run_dir, data, trust_run_code=trust_run_code)
-    except _user_errors() as e:
-        _fail(e)
     out.print_json(json.dumps(metrics))
 
 
@@ -76,27 +58,24 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
             text: Optional[List[str]] = typer.Option(None, "--text", help="input text (repeatable)"),
             file: Optional[Path] = typer.Option(None, "--file", help="a text file, one input per line"),
-            image: Optional[List[Path]] = typer.Option(None, "--image", help="image-classification: an image file (repeatable)"),
+            image: Optional[List[Path]] = typer.Option(None, "--image",
+                                                       help="image-classification: an image file (repeatable)"),
             max_new_tokens: int = typer.Option(64, help="causal-lm: tokens to generate"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
-            trust_run_code: bool = _trust_option()):
+            trust_run_code: bool = trust_option()):
     """Labels + probabilities (classification) or generated text (causal-lm)."""
     from . import api
     from .data.readers import read_lines
 
     inputs = list(text or [])
     if file is not None:
-        try:
+        with exit_on_user_error():
             inputs += read_lines(file)  # not found / not UTF-8 / empty: an error naming the file
-        except _user_errors() as e:
-            _fail(e)
     inputs += [str(p) for p in image or []]
     if not inputs:
-        _fail(ValueError("give --text TEXT (repeatable), --file FILE or --image PATH"))
-    try:
+        fail("give --text TEXT (repeatable), --file FILE or --image PATH")
+    with exit_on_user_error():
         results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens, trust_run_code=trust_run_code)
-    except _user_errors() as e:
-        _fail(e)
     if as_json:
         for r in results:
             print(json.dumps(r))
@@ -116,15 +95,12 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 @app.command()
 def merge(run_dir: Path = typer.Argument(..., help="a finished run folder"),
           out_dir: Path = typer.Argument(..., help="new folder for the merged model"),
-          trust_run_code: bool = _trust_option()):
+          trust_run_code: bool = trust_option()):
     """Fold the adapter into the base weights and save a plain transformers model."""
     from . import api
-    from .methods import MethodError
 
-    try:
+    with exit_on_user_error():
         path = api.merge(run_dir, out_dir, trust_run_code=trust_run_code)
-    except (*_user_errors(), MethodError, FileExistsError) as e:
-        _fail(e)
     out.print(f"merged model written to {path}")
 
 
@@ -138,10 +114,8 @@ def inspect(model: str = typer.Argument(..., help="Hub id, local folder or .gguf
     """What can be adapted in MODEL, and what each method would cost."""
     from . import inspect as insp
 
-    try:
+    with exit_on_user_error():
         report = insp.inspect_model(model, task=task, batch_size=batch_size, seq_len=seq_len, num_labels=num_labels)
-    except _user_errors() as e:
-        _fail(e)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -153,14 +127,13 @@ def validate(config: Path = typer.Argument(...), overrides: Optional[List[str]] 
     """Check a config, its data and its model (source, config, weights headers, max_length) without training."""
     from .validate import validate as check
 
-    try:
+    with exit_on_user_error():
         v = check(config, overrides)
-    except _user_errors() as e:
-        _fail(e)
     cfg, splits = v.cfg, v.splits
     out.print(f"config ok: task={cfg.task} model={cfg.model.name} method={cfg.method.name}", highlight=False)
     out.print(f"model ok: {v.model}", markup=False, highlight=False)
-    out.print(f"data ok: train={len(splits.train)} eval={len(splits.eval)}" + (f" test={len(splits.test)}" if splits.test is not None else ""))
+    tested = f" test={len(splits.test)}" if splits.test is not None else ""
+    out.print(f"data ok: train={len(splits.train)} eval={len(splits.eval)}{tested}")
     for w in v.warnings:
         out.print(f"[yellow]warning:[/] {w}")
 
@@ -173,14 +146,9 @@ def schema():
     print(json.dumps(RunConfig.model_json_schema(), indent=2))
 
 
-from .cli_sweep import lr_find_cmd, sweep_cmd  # noqa: E402  (tuning strategy: sweep/)
-
-app.command("sweep")(sweep_cmd)
+app.command("sweep")(sweep_cmd)  # tuning strategy: sweep/
 app.command("lr-find")(lr_find_cmd)
-
-from .cli_runs import report_cmd, runs_app  # noqa: E402  (iterate: run index and reports, track/ + report/)
-
-app.add_typer(runs_app, name="runs")
+app.add_typer(runs_app, name="runs")  # iterate: the run index and reports, track/ + report/
 app.command("report")(report_cmd)
 
 
@@ -193,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         full = no_space(e, getattr(e, "filename", None) or Path.cwd())
         if full is None:
             raise
-        err.print(f"[bold red]error:[/] {full}", markup=True, highlight=False)
+        say_error(full)
         sys.exit(2)
 
 

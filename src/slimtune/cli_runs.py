@@ -1,40 +1,37 @@
-"""`slimtune runs ...` (the run index) and `slimtune report` (HTML pages). Parses, calls, prints."""
+"""`slimtune runs ...`: the run index under an output folder. Parses, calls, prints."""
 from __future__ import annotations
 
 import json
 import shutil
 import sqlite3
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_common import err, fail, out
+from .errors import SlimtuneError
+
 runs_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="The run index under an output folder: list, show, compare, add, rm.")
-err = Console(stderr=True)
-out = Console()
 
 ROOT_HELP = "output folder whose index.sqlite to use (the runs' output.dir)"
-HEADERS = {"train_seconds": "train s", "wall_seconds": "wall s", "energy_kwh": "kWh", "co2_kg": "kg CO2e", "parent": "sweep"}
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
-    raise typer.Exit(code)
+HEADERS = {"train_seconds": "train s", "wall_seconds": "wall s", "energy_kwh": "kWh", "co2_kg": "kg CO2e",
+           "parent": "sweep"}
+TEXT_COLUMNS = ("name", "status", "task", "model", "method", "parent", "started", "ended")  # left-aligned
 
 
 def _index_failed(root: Path, e: BaseException) -> None:
     """An error of the index file, said as what it is (full disk, lock, read-only, damaged, ...)."""
     from .track import index, index_errors
 
-    _fail(index_errors.explain(root, e, index.BUSY_TIMEOUT_S))
+    fail(index_errors.explain(root, e, index.BUSY_TIMEOUT_S))
 
 
-def _rows(root: Path) -> list[dict]:
+def rows_of(root: Path) -> list[dict]:
+    """The index's rows under `root`, its notes printed; a missing or unreadable index ends the command."""
     from .track import index
 
     notes: list[str] = []
@@ -42,7 +39,7 @@ def _rows(root: Path) -> list[dict]:
         found = index.rows(root, notes=notes)
     except FileNotFoundError as e:
         if not index.index_file(root).exists():
-            _fail(str(e))
+            fail(str(e))
         _index_failed(root, e)
     except (sqlite3.Error, OSError) as e:
         _index_failed(root, e)
@@ -51,13 +48,14 @@ def _rows(root: Path) -> list[dict]:
     return found
 
 
-def _find(root: Path, ref: str, rows: list[dict]) -> dict:
+def find_run(root: Path, ref: str, rows: list[dict]) -> dict:
+    """The row a run reference (name, prefix or folder) names; an unknown or ambiguous one ends the command."""
     from .track import index
 
     try:
         return index.find(root, ref, rows)
-    except LookupError as e:
-        _fail(str(e))
+    except SlimtuneError as e:  # no such run, or a name that matches several
+        fail(e)
 
 
 def _cell(v) -> str:
@@ -85,12 +83,15 @@ def list_(
     task: Optional[str] = typer.Option(None, help="only this task"),
     model: Optional[str] = typer.Option(None, help="only models whose name contains this"),
     method: Optional[str] = typer.Option(None, help="only this PEFT method"),
-    status: Optional[str] = typer.Option(None, help="only this status: completed, running, failed, interrupted, dead, missing"),
+    status: Optional[str] = typer.Option(None, help="only this status: completed, running, failed, interrupted, dead, "
+                                                    "missing"),
     sweep: Optional[str] = typer.Option(None, help="only the runs of this sweep"),
     kind: Optional[str] = typer.Option(None, help="only runs ('run') or only sweeps ('sweep')"),
     where: Optional[List[str]] = typer.Option(None, "--where", "-w",
-                                              help="threshold, repeatable: 'test_accuracy>=0.9', 'energy_kwh<0.01', 'accuracy>0.8' (= best_accuracy)"),
-    sort: Optional[str] = typer.Option(None, help="sort by any column (e.g. test_accuracy, energy_kwh, train_seconds); default: newest first"),
+                                              help="threshold, repeatable: 'test_accuracy>=0.9', 'energy_kwh<0.01', "
+                                                   "'accuracy>0.8' (= best_accuracy)"),
+    sort: Optional[str] = typer.Option(None, help="sort by any column (e.g. test_accuracy, energy_kwh, train_seconds); "
+                                                  "default: newest first"),
     desc: bool = typer.Option(False, "--desc", help="sort descending"),
     columns: Optional[str] = typer.Option(None, help="comma list of columns to show instead of the default ones"),
     limit: Optional[int] = typer.Option(None, help="show at most this many"),
@@ -99,23 +100,23 @@ def list_(
     """Runs and sweeps in the index, filtered and sorted."""
     from .track import index
 
-    rows = _rows(root)
+    rows = rows_of(root)
     try:  # a bad --where / --sort / --columns is named with what is accepted, before anything is printed
-        sel = index.select(rows, task=task, model=model, method=method, status=status, sweep=sweep, kind=kind, where=where,
-                           sort=sort, descending=desc if sort else None)
+        sel = index.select(rows, task=task, model=model, method=method, status=status, sweep=sweep, kind=kind,
+                           where=where, sort=sort, descending=desc if sort else None)
         cols = _list_columns(rows, sel, columns, where, sort)
-    except ValueError as e:
-        _fail(str(e))
+    except SlimtuneError as e:
+        fail(e)
     if limit:
         sel = sel[:limit]
     if as_json:
         for r in sel:
             print(json.dumps({k: v for k, v in r.items() if k not in ("config",)}, default=str))
         return
-    table = Table(show_header=True, header_style="bold", title=escape(f"{len(sel)} of {len(rows)} entries in {index.index_file(root)}"))
+    table = Table(show_header=True, header_style="bold", title=escape(f"{len(sel)} of {len(rows)} entries in "
+                                                                      f"{index.index_file(root)}"))
     for c in cols:
-        table.add_column(escape(HEADERS.get(c, c)), justify="right" if c not in ("name", "status", "task", "model", "method", "parent", "started", "ended") else "left",
-                         overflow="fold")
+        table.add_column(escape(HEADERS.get(c, c)), justify="left" if c in TEXT_COLUMNS else "right", overflow="fold")
     for r in sel:
         cells = []
         for c in cols:
@@ -137,7 +138,8 @@ def list_(
         err.print(f"[yellow]note:[/] {escape(r['name'])}: {escape(str(r['problem']))}", highlight=False)
 
 
-def _list_columns(rows: list[dict], sel: list[dict], columns: str | None, where: list[str] | None, sort: str | None) -> list[str]:
+def _list_columns(rows: list[dict], sel: list[dict], columns: str | None, where: list[str] | None,
+                  sort: str | None) -> list[str]:
     """--columns as given (each resolved, or a ValueError naming the accepted ones), else the default
     columns plus the monitored metrics and whatever --where / --sort use."""
     from .track import index
@@ -149,7 +151,8 @@ def _list_columns(rows: list[dict], sel: list[dict], columns: str | None, where:
         if r.get("monitor") and r["monitor"] not in monitors:
             monitors.append(r["monitor"])
     metric_cols = [f"{p}_{m}" for m in monitors[:2] for p in ("best", "test") if any(f"{p}_{m}" in r for r in sel)]
-    extra = [index.resolve_column(index.parse_where(w)[0], rows) for w in where or []] + ([index.resolve_column(sort, rows)] if sort else [])
+    extra = [index.resolve_column(index.parse_where(w)[0], rows) for w in where or []]
+    extra += [index.resolve_column(sort, rows)] if sort else []
     cols = list(dict.fromkeys([*index.LIST_COLUMNS, *metric_cols, *index.COST_COLUMNS, *extra, "started"]))
     if any(r.get("parent") for r in sel):
         cols.insert(2, "parent")
@@ -163,8 +166,8 @@ def show(run: str = typer.Argument(..., help="run name, unique name prefix, or f
     """One run: identity, status, metrics, cost and energy (with the method that measured it)."""
     from .track import index
 
-    rows = _rows(root)
-    r = _find(root, run, rows)
+    rows = rows_of(root)
+    r = find_run(root, run, rows)
     if as_json:
         print(json.dumps(r, indent=2, default=str))
         return
@@ -186,12 +189,14 @@ def show(run: str = typer.Argument(..., help="run name, unique name prefix, or f
     if cost:
         t.add_row("time", f"wall {_cell(cost.get('wall_seconds'))} s, training {_cell(cost.get('train_seconds'))} s, "
                           f"CPU {_cell(cost.get('cpu_seconds'))} s, GPU {_cell(cost.get('gpu_seconds'))} s")
-        t.add_row("memory", f"host peak {_cell(cost.get('host_peak_rss_mb'))} MB, device peak {_cell(cost.get('device_peak_mb'))} MB")
+        t.add_row("memory", f"host peak {_cell(cost.get('host_peak_rss_mb'))} MB, device peak "
+                            f"{_cell(cost.get('device_peak_mb'))} MB")
         t.add_row("data", f"{_cell(cost.get('samples_seen'))} samples, {_cell(cost.get('tokens_seen'))} tokens, "
                           f"{_cell(cost.get('flops'))} FLOPs (estimate)")
         e = cost.get("energy") or {}
         if e.get("energy_kwh") is not None:
-            t.add_row("energy", f"{_cell(e['energy_kwh'])} kWh, {_cell(e['co2_kg'])} kg CO2e at {_cell(e.get('carbon_intensity_g_per_kwh'))} "
+            t.add_row("energy", f"{_cell(e['energy_kwh'])} kWh, {_cell(e['co2_kg'])} kg CO2e at "
+                                f"{_cell(e.get('carbon_intensity_g_per_kwh'))} "
                                 + escape(f"g/kWh ({e.get('carbon_intensity_source')})"))
             t.add_row("measured with", escape(f"{e.get('method')} ({e.get('tool')}, {e.get('tracking_mode')} mode)"))
         elif e.get("error"):
@@ -211,15 +216,16 @@ def compare(runs: List[str] = typer.Argument(..., help="two or more runs (names,
     from .track.runinfo import flat
 
     if len(runs) < 2:
-        _fail("give at least two runs to compare")
-    rows = _rows(root)
-    sel = [_find(root, ref, rows) for ref in runs]
+        fail("give at least two runs to compare")
+    rows = rows_of(root)
+    sel = [find_run(root, ref, rows) for ref in runs]
     configs = [r.get("config") or {} for r in sel]
     keys = sorted(set().union(*(flat(c) for c in configs))) if all_keys else differing_keys(configs)
     metric_keys = []
     for r in sel:
         for k in r:
-            if k.split("_", 1)[0] in ("best", "test", "final") and isinstance(r[k], (int, float)) and k not in metric_keys:
+            is_metric = k.split("_", 1)[0] in ("best", "test", "final") and isinstance(r[k], (int, float))
+            if is_metric and k not in metric_keys:
                 metric_keys.append(k)
     cost_keys = ["train_seconds", "wall_seconds", "cpu_seconds", "flops", "energy_kwh", "co2_kg", "host_peak_rss_mb"]
     if as_json:
@@ -283,8 +289,8 @@ def rm(runs: List[str] = typer.Argument(..., help="runs or sweeps to remove (nam
     verifiably a run's or a sweep's are deleted; any other is kept, with its entry, and named."""
     from .track import index
 
-    rows = _rows(root)
-    named = {r["key"]: r for r in (_find(root, ref, rows) for ref in runs)}
+    rows = rows_of(root)
+    named = {r["key"]: r for r in (find_run(root, ref, rows) for ref in runs)}
     sel = dict(named)
     for r in named.values():  # a sweep takes its runs along
         if r["kind"] == "sweep":
@@ -295,10 +301,11 @@ def rm(runs: List[str] = typer.Argument(..., help="runs or sweeps to remove (nam
     drop = [k for k in sel if k not in kept]
     delete = [sel[k] for k in drop if sel[k]["exists"] and not keep_files]
     for r in sel.values():
-        note = "  (folder already gone)" if not r["exists"] else f"  (KEPT: {kept[r['key']]})" if r["key"] in kept else ""
+        note = ("  (folder already gone)" if not r["exists"] else f"  (KEPT: {kept[r['key']]})" if r["key"] in kept
+                else "")
         out.print(f"  {r['name']}  {r['path']}{note}", highlight=False, markup=False)
     if not drop:
-        _fail("nothing removed: " + "; ".join(f"{sel[k]['path']}: {why}" for k, why in kept.items())
+        fail("nothing removed: " + "; ".join(f"{sel[k]['path']}: {why}" for k, why in kept.items())
               + " (`slimtune runs rm --keep-files` drops only the index entries)", code=1)
     what = (f"Remove {len(drop)} entr{'y' if len(drop) == 1 else 'ies'} from the index"
             + (f" and DELETE {len(delete)} folder(s)" if delete else "") + "?")
@@ -318,7 +325,8 @@ def rm(runs: List[str] = typer.Argument(..., help="runs or sweeps to remove (nam
         index.remove(root, drop)
     except (sqlite3.Error, OSError) as e:
         _index_failed(root, e)
-    out.print(f"removed {len(drop)} entr{'y' if len(drop) == 1 else 'ies'}, deleted {deleted} folder(s)", highlight=False)
+    out.print(f"removed {len(drop)} entr{'y' if len(drop) == 1 else 'ies'}, deleted {deleted} folder(s)",
+              highlight=False)
     for k, why in kept.items():
         err.print(f"[yellow]kept[/] {escape(sel[k]['path'])}: {escape(why)}; its index entry stays "
                   f"(`slimtune runs rm --keep-files` drops only the entry)", highlight=False)
@@ -344,52 +352,6 @@ def _refused(root: Path, sel: dict, named: dict) -> dict[str, str]:
             kept[key] = why
     for key, r in sel.items():
         if key not in named and key not in kept and r["parent_key"] in kept:
-            kept[key] = f"it belongs to the sweep {sel[r['parent_key']]['path']}, which is kept (name the run itself to delete it)"
+            kept[key] = (f"it belongs to the sweep {sel[r['parent_key']]['path']}, which is kept "
+                         "(name the run itself to delete it)")
     return kept
-
-
-def report_cmd(
-    runs: Optional[List[str]] = typer.Argument(None, help="a run (folder or name), a sweep folder, or with --compare several runs"),
-    compare: bool = typer.Option(False, "--compare", help="one comparison page for the runs given"),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: report.html in the run / sweep "
-                                            "folder; compare-<time>.html beside the runs)"),
-    root: Path = typer.Option(Path("runs"), "--root", help="index used to find runs given by name"),
-    fmt: str = typer.Option("svg", "--format", help="plot format: svg or png"),
-):
-    """A self-contained HTML report: curves, confusion matrix, cost and energy, config; or a comparison page."""
-    from . import report
-    from .track import index
-    from .track.runinfo import RunFolderError, is_run_folder
-
-    if not runs:
-        _fail("give a run folder (or name), a sweep folder, or --compare RUN RUN ...")
-    rows_cache: list[dict] | None = None
-
-    def locate(ref: str) -> tuple[Path, dict | None]:
-        nonlocal rows_cache
-        p = Path(ref)
-        if p.is_dir():
-            return p, None
-        if rows_cache is None:
-            rows_cache = _rows(root) if index.index_file(root).exists() else []
-        if not rows_cache:
-            _fail(f"{ref}: no such folder, and no index at {index.index_file(root)} to look the name up")
-        r = _find(root, ref, rows_cache)
-        return Path(r["path"]), r
-
-    try:
-        if compare or len(runs) > 1:
-            folders = [locate(x)[0] for x in runs]
-            dest = out_path or folders[0].parent / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html"
-            written = report.compare_report(folders, dest, fmt)
-        else:
-            folder, row = locate(runs[0])
-            if is_run_folder(folder):
-                written = report.run_report(folder, out_path, fmt)
-            else:  # a sweep: its runs from the index when it is there, else the run folders inside it
-                kids = [Path(r["path"]) for r in (rows_cache or []) if row and r["parent_key"] == row["key"] and r["exists"]]
-                written = (report.compare_report(kids, out_path or folder / "report.html", fmt, title=f"Sweep {folder.name}")
-                           if kids else report.sweep_report(folder, out_path, fmt))
-    except (RunFolderError, ValueError) as e:
-        _fail(str(e))
-    out.print(f"report: {written}", highlight=False)

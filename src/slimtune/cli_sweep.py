@@ -8,41 +8,35 @@ from typing import List, Optional
 
 import typer
 
-
-def _errors():
-    """What `error: ...` reports: the user errors of every command, a method that does not fit the model, and a
-    sweep that cannot go on. Any other exception is a bug and keeps its traceback."""
-    from .cli import _user_errors
-    from .methods import MethodError
-    from .sweep.worker import SweepError
-
-    return _user_errors() + (MethodError, SweepError)
+from .cli_common import err, exit_on_user_error, out
 
 
 def sweep_cmd(
     config: Path = typer.Argument(..., help="YAML config with a `sweep:` section (search space, budget)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides of the base config: train.epochs=2"),
     workers: int = typer.Option(1, "--workers", min=1, help="local worker processes sharing the study"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL (default: $SLIMTUNE_SWEEP_STORAGE, "
-                                          "else sweep.storage, else SQLite in the sweep folder); a shared PostgreSQL URL lets "
-                                          "other machines join with the same command. Files hold it with the password masked"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL (default: "
+                                          "$SLIMTUNE_SWEEP_STORAGE, else sweep.storage, else SQLite in the sweep "
+                                          "folder); a shared PostgreSQL URL lets other machines join with the same "
+                                          "command. Files hold it with the password masked"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep folder / study name (default: sweep-<config stem>)"),
-    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="budget: finished trials (overrides sweep.trials)"),
-    timeout_minutes: Optional[float] = typer.Option(None, "--timeout-minutes", help="budget: minutes (overrides sweep.timeout_minutes)"),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1,
+                                         help="budget: finished trials (overrides sweep.trials)"),
+    timeout_minutes: Optional[float] = typer.Option(None, "--timeout-minutes",
+                                                    help="budget: minutes (overrides sweep.timeout_minutes)"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip the plots"),
 ):
-    """Hyperparameter search with pruning: each trial is a normal run; writes the sweep folder (trials table, best.yaml, plots). Re-running the same command resumes the sweep."""
+    """Hyperparameter search with pruning: each trial is a normal run; writes the sweep folder (trials table,
+    best.yaml, plots). Re-running the same command resumes the sweep."""
     from rich.table import Table
 
-    from .cli import _fail, err, out
     from .sweep import sweep
 
     try:
-        result = sweep(config, overrides, workers=workers, name=name, storage=storage, trials=trials,
-                       timeout_minutes=timeout_minutes, plots=not no_plots,
-                       log=lambda s: err.print(s, markup=False, highlight=False, soft_wrap=True))
-    except _errors() as e:
-        _fail(e)
+        with exit_on_user_error():  # a sweep that cannot go on (SweepError) included
+            result = sweep(config, overrides, workers=workers, name=name, storage=storage, trials=trials,
+                           timeout_minutes=timeout_minutes, plots=not no_plots,
+                           log=lambda s: err.print(s, markup=False, highlight=False, soft_wrap=True))
     except KeyboardInterrupt:
         err.print("interrupted: re-run the same command to resume the sweep")
         raise typer.Exit(130)
@@ -70,16 +64,16 @@ def lr_find_cmd(
     end_lr: float = typer.Option(1.0, "--end-lr", help="last learning rate"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for lr_find.png / lr_find.json "
                                            "(default: <output.dir>/lr-find-<time>)"),
-    apply: bool = typer.Option(False, "--apply", help="write <config stem>.lr.yaml next to the config with train.lr set"),
+    apply: bool = typer.Option(False, "--apply",
+                               help="write <config stem>.lr.yaml next to the config with train.lr set"),
 ):
-    """LR range test: exponentially increasing lr, loss-vs-lr plot, suggested lr (steepest descent of the smoothed loss). Writes no run folder and changes no model."""
-    from .cli import _fail, err, out
+    """LR range test: exponentially increasing lr, loss-vs-lr plot, suggested lr (steepest descent of the smoothed
+    loss). Writes no run folder and changes no model."""
     from .sweep import lr_find
 
     try:
-        r = lr_find(config, overrides, steps=steps, start_lr=start_lr, end_lr=end_lr, out=out_dir, apply=apply)
-    except _errors() as e:
-        _fail(e)
+        with exit_on_user_error():
+            r = lr_find(config, overrides, steps=steps, start_lr=start_lr, end_lr=end_lr, out=out_dir, apply=apply)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     if r.stopped:

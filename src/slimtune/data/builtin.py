@@ -13,7 +13,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .readers import DataError
+from ..errors import DataError
 
 MIN_TOPIC = 10
 
@@ -63,5 +63,6 @@ BUILTINS = {"chatterbot-topics": chatterbot_topics, "chatterbot-chat": chatterbo
 
 def load_builtin(name: str) -> Dataset:
     if name not in BUILTINS:
-        raise DataError(f"builtin:{name}: unknown builtin dataset; accepted: {', '.join('builtin:' + n for n in BUILTINS)}")
+        raise DataError(f"builtin:{name}: unknown builtin dataset; accepted: "
+                        f"{', '.join('builtin:' + n for n in BUILTINS)}")
     return BUILTINS[name]()

@@ -13,11 +13,9 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from ..errors import DataError
+
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
-
-
-class DataError(ValueError):
-    """A data problem found before training; the message names the file, column and value."""
 
 
 def _read_text(path: Path) -> str:
@@ -61,12 +59,14 @@ def _read_jsonl(path: Path) -> Dataset:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i} is not valid JSON ({e.msg}); expected one JSON object per line") from None
+                raise DataError(f"{path}: line {i} is not valid JSON ({e.msg}); "
+                                "expected one JSON object per line") from None
     if not rows:
         raise DataError(f"{path}: the file is empty (no records)")
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise DataError(f"{path}: record {bad} is not a JSON object; expected objects such as {{\"text\": ..., \"label\": ...}}")
+        raise DataError(f"{path}: record {bad} is not a JSON object; expected objects such as {{\"text\": ..., "
+                        "\"label\": ...}}")
     import pyarrow as pa
 
     try:
@@ -104,7 +104,7 @@ def read_lines(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: file not found (working directory: {Path.cwd()})")
-    lines = [l for l in _read_text(path).splitlines() if l.strip()]
+    lines = [line for line in _read_text(path).splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: the file is empty (no non-blank lines); give one input per line")
     return lines
@@ -159,5 +159,6 @@ def read_source(source: str) -> Dataset:
         ".txt": _read_txt,
     }
     if suffix not in readers:
-        raise DataError(f"{source}: unsupported file type {suffix!r}; accepted: {', '.join(SUFFIXES)}, a saved datasets folder, hf:<name>, builtin:<name>")
+        raise DataError(f"{source}: unsupported file type {suffix!r}; accepted: {', '.join(SUFFIXES)}, a saved "
+                        "datasets folder, hf:<name>, builtin:<name>")
     return readers[suffix](path)

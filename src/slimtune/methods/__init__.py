@@ -14,6 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from ..errors import RunFolderError, RunNotFound
 from . import lora, partial, peft_other, prompt
 from .base import Method, MethodContext, MethodError  # noqa: F401
 
@@ -80,7 +81,7 @@ def adapter_kind(path: Path) -> str:
         return "peft"
     if (path / NATIVE_FILE).is_file():
         return "slimtune"
-    raise FileNotFoundError(f"{path}: neither adapter_config.json (peft) nor {NATIVE_FILE} (slimtune) found")
+    raise RunNotFound(f"{path}: neither adapter_config.json (peft) nor {NATIVE_FILE} (slimtune) found")
 
 
 def adapter_weights(path: Path) -> Path:
@@ -92,7 +93,7 @@ def adapter_weights(path: Path) -> Path:
     names = (NATIVE_WEIGHTS, "adapter_model.bin") if adapter_kind(path) == "peft" else (NATIVE_WEIGHTS,)
     file = next((path / n for n in names if (path / n).is_file()), None)
     if file is None:
-        raise FileNotFoundError(f"{path / NATIVE_WEIGHTS}: missing; the adapter's weights are gone from the run "
+        raise RunNotFound(f"{path / NATIVE_WEIGHTS}: missing; the adapter's weights are gone from the run "
                                 f"folder (it holds: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})")
     check_weight_file(file)
     return file
@@ -108,14 +109,16 @@ def load_adapter(base, path: Path):
         model = PeftModel.from_pretrained(base, str(path))
         inner = model.base_model
         if type(inner).__name__ == "AdaLoraModel" and "trainable_adapter_name" not in vars(inner):
-            inner.trainable_adapter_name = "default"  # peft sets it only for training; its forward reads it when a loss is computed
+            # peft sets it only for training; its forward reads it when a loss is computed
+            inner.trainable_adapter_name = "default"
         return model
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / NATIVE_WEIGHTS))
     missing, unexpected = base.load_state_dict(tensors, strict=False)
     if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} tensors do not belong to the base model, e.g. {unexpected[:3]}")
+        raise RunFolderError(f"{path}: {len(unexpected)} tensors do not belong to the base model, "
+                             f"e.g. {unexpected[:3]}")
     return base
 
 
@@ -126,6 +129,7 @@ def merge(model, path: Path):
         return model  # the trained tensors are already the model's own
     cfg = json.loads((Path(path) / "adapter_config.json").read_text())
     if cfg.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
-        raise MethodError(f"{path}: a {cfg['peft_type'].lower().replace('_', '-')} adapter adds virtual tokens and cannot be "
-                          "merged into the weights; serve it with peft (PeftModel.from_pretrained)")
+        kind = cfg["peft_type"].lower().replace("_", "-")
+        raise MethodError(f"{path}: a {kind} adapter adds virtual tokens and cannot be merged into the weights; "
+                          "serve it with peft (PeftModel.from_pretrained)")
     return model.merge_and_unload()

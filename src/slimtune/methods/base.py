@@ -13,11 +13,8 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import Field
 
+from ..errors import MethodError  # noqa: F401  (re-exported: callers import it from here)
 from ..schema import StrictModel
-
-
-class MethodError(ValueError):
-    """A method that cannot be applied here (hardware, task or model); the message says why and what to use."""
 
 
 @dataclass
@@ -37,7 +34,8 @@ class Method:
     saved_by: Literal["peft", "slimtune"] = "peft"
     mergeable: bool = True
     summary: str = ""
-    lr_scale: Callable[[str, Any], tuple[str, float] | None] | None = None  # (param name, cfg) -> (group, lr multiplier)
+    # (param name, cfg) -> (group, lr multiplier)
+    lr_scale: Callable[[str, Any], tuple[str, float] | None] | None = None
     on_optimizer_step: Callable[[Any, int], None] | None = None  # (unwrapped model, step), before zero_grad
     # the state that hook keeps beside the parameters, for an exact resume: model -> (tensors, JSON data), and
     # (model, that pair or None for a checkpoint without it, the step resumed at) -> None

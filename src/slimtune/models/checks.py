@@ -9,6 +9,7 @@ import json
 import struct
 from pathlib import Path
 
+from ..errors import InputNotFound
 from .sources import ModelError, ModelSource, _common_kwargs
 
 # config keys that hold how many positions a model has, by architecture family
@@ -37,7 +38,8 @@ def position_limit(config=None, tokenizer=None) -> tuple[int | None, str]:
             v = getattr(c, key, None) if c is not None else None
             if isinstance(v, int) and v > 0:
                 offset = 0
-                if getattr(c, "model_type", None) in PADDING_OFFSET_TYPES and isinstance(getattr(c, "pad_token_id", None), int):
+                pad_id = getattr(c, "pad_token_id", None)
+                if getattr(c, "model_type", None) in PADDING_OFFSET_TYPES and isinstance(pad_id, int):
                     offset = c.pad_token_id + 1
                 note = f" less {offset} (positions start after the padding index)" if offset else ""
                 return v - offset, f"{key}={v} in the model's config{note}"
@@ -52,7 +54,7 @@ def check_max_length(cfg, config=None, tokenizer=None) -> int | None:
     long: a ConfigError (a longer input fails deep inside the model's forward, mid-run). Left at its
     default and too long: the model's limit is used, so a small model runs without a key the user never set.
     Returns the limit (None when neither the config nor the tokenizer gives one)."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     limit, where = position_limit(config, tokenizer)
     if limit is None or cfg.model.max_length <= limit:
@@ -74,7 +76,8 @@ def check_source_max_length(cfg, src: ModelSource, tokenizer=None) -> int | None
 
 # -- weights files -----------------------------------------------------------------
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def safetensors_header(path: str | Path) -> dict:
@@ -93,7 +96,8 @@ def safetensors_header(path: str | Path) -> dict:
             raise ModelError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: the safetensors header is not a JSON object")
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
     data = size - 8 - n
     if ends and max(ends) > data:
         raise ModelError(f"{path}: truncated: its tensors need {max(ends)} bytes of data, the file holds {data}; "
@@ -104,14 +108,15 @@ def safetensors_header(path: str | Path) -> dict:
 def check_weight_file(path: Path) -> None:
     """A weights file is there and whole enough to load: a safetensors header, or a torch zip's directory."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
+        raise InputNotFound(f"{path}: missing")
     if path.suffix == ".safetensors":
         safetensors_header(path)
     elif path.suffix == ".bin":
         import zipfile
 
         if not zipfile.is_zipfile(path):  # torch.save writes a zip since torch 1.6; a truncated one has no directory
-            raise ModelError(f"{path}: not a whole torch checkpoint (no zip directory at its end); download or copy it again")
+            raise ModelError(f"{path}: not a whole torch checkpoint (no zip directory at its end); download or copy it "
+                             "again")
 
 
 def check_weights_folder(folder: Path) -> list[Path]:

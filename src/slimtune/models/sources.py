@@ -14,9 +14,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message says what to install or change."""
+from ..errors import ModelError
 
 
 @dataclass
@@ -76,7 +74,8 @@ def resolve(name: str, gguf_file: str | None = None, revision: str | None = None
         if gguf_file and not (p / gguf_file).is_file():
             raise ModelError(f"model.gguf_file: {gguf_file!r} not found in {name!r}")
         if not gguf_file and not (p / "config.json").is_file():
-            raise ModelError(f"model.name: folder {name!r} has no config.json; point to a saved model folder or a .gguf file")
+            raise ModelError(f"model.name: folder {name!r} has no config.json; point to a saved model folder or a "
+                             ".gguf file")
         return ModelSource(str(p), gguf_file, None, "gguf" if gguf_file else "folder")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model.name: {name!r} is neither an existing folder / .gguf file nor a Hub id (owner/name)")

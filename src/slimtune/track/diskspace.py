@@ -10,12 +10,14 @@ import errno
 import shutil
 from pathlib import Path
 
+from ..errors import SlimtuneError
+
 MB = 2**20
 _FULL_WORDS = ("no space left", "disk is full", "database or disk is full", "os error 28")
 _TORCH_WRITER = ("inline_container", "pytorchstreamwriter", "unexpected pos")
 
 
-class NoSpaceError(OSError):
+class NoSpaceError(SlimtuneError, OSError):
     """A write failed because the disk is full; the message names the path and the space needed."""
 
     def __init__(self, path: Path | str, need_bytes: int | None = None, free_bytes: int | None = None):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import RunConfig, load_config
+from ..errors import ConfigError
 from .rundir import RunDir
 from .runinfo import flat
 
@@ -93,7 +94,8 @@ def resume_config(run_dir: Path, overrides: list[str] | None) -> tuple[RunConfig
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", overrides) if overrides else saved
     before, after = flat(saved.model_dump(mode="json")), flat(cfg.model_dump(mode="json"))
-    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)}
     refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if refused:
         shown = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused[:5])
@@ -112,8 +114,8 @@ def check_extension(run_dir: Path, changed: dict, step: int, total_steps: int) -
     """An extended resume must leave steps to train."""
     if changed and total_steps <= step:
         shown = ", ".join(f"{k}={v[1]}" for k, v in changed.items())
-        raise ConfigError(f"{run_dir}: {shown} gives {total_steps} optimizer steps, and the run is already at step {step}; "
-                          "give a larger value to train longer")
+        raise ConfigError(f"{run_dir}: {shown} gives {total_steps} optimizer steps, and the run is already at step "
+                          f"{step}; give a larger value to train longer")
 
 
 def _status(run_dir: Path) -> str | None:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import sqlite3
 import time
 from datetime import datetime
 from pathlib import Path
 
+from ..errors import SlimtuneError
 from . import index_errors
+from .procs import process_alive
 from .query import column_kind, parse_where, resolve_column, select, value, where_filter  # noqa: F401
 from .runinfo import RunFolderError, config_hash, flat_metrics, is_run_folder, read_run, run_folders_in
 
@@ -56,8 +56,12 @@ LIST_COLUMNS = ("name", "status", "task", "model", "method")
 COST_COLUMNS = ("train_seconds", "energy_kwh", "co2_kg")
 
 
-class IndexError_(LookupError):
+class RunIndexError(SlimtuneError, LookupError):
     """A run reference that the index cannot resolve; the message says why."""
+
+
+class NoRunIndex(SlimtuneError, FileNotFoundError):
+    """No index.sqlite under the folder given as --root."""
 
 
 def index_file(root: str | Path) -> Path:
@@ -68,7 +72,7 @@ def index_file(root: str | Path) -> Path:
 def connect(root: str | Path, create: bool = True):
     path = index_file(root)
     if not create and not path.exists():
-        raise FileNotFoundError(f"{path}: no run index here; runs register themselves under their output.dir "
+        raise NoRunIndex(f"{path}: no run index here; runs register themselves under their output.dir "
                                 f"(give --root), and `slimtune runs add FOLDER` adds a run folder by hand")
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -169,7 +173,8 @@ def _upsert(con, row: dict) -> None:
     con.execute(f"INSERT INTO runs ({cols}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates}",
                 {f: row.get(f) for f in _FIELDS})
     if row.get("parent"):  # the sweep gets a row too, if its runner did not register it
-        con.execute("INSERT OR IGNORE INTO runs (path, name, kind, status, task, updated) VALUES (?, ?, 'sweep', ?, ?, ?)",
+        con.execute("INSERT OR IGNORE INTO runs (path, name, kind, status, task, updated) "
+                    "VALUES (?, ?, 'sweep', ?, ?, ?)",
                     (row["parent"], Path(row["parent"]).name, "", row.get("task"), time.time()))
 
 
@@ -185,11 +190,12 @@ def register_run(root, run_dir, config: dict, summary: dict) -> None:
 def register_sweep(root, sweep_dir, status: str = "running", task: str | None = None, **info) -> None:
     """The sweep runner's row: `info` may hold best metrics ('metrics': {...}), cost ('cost': {...})
     and started / ended unix times; its trials register themselves with `track.sweep` set."""
-    row = {"path": key_for(root, sweep_dir), "name": Path(sweep_dir).name, "kind": "sweep", "status": status, "task": task,
-           "started": info.get("started"), "ended": info.get("ended"), "metrics": json.dumps(info.get("metrics") or {}),
-           "cost": json.dumps(info.get("cost") or {}, default=str), "config": json.dumps(info.get("config") or {}, default=str),
-           "energy_kwh": _num((info.get("cost") or {}).get("energy_kwh")), "co2_kg": _num((info.get("cost") or {}).get("co2_kg")),
-           "updated": time.time()}
+    cost = info.get("cost") or {}
+    row = {"path": key_for(root, sweep_dir), "name": Path(sweep_dir).name, "kind": "sweep", "status": status,
+           "task": task, "started": info.get("started"), "ended": info.get("ended"),
+           "metrics": json.dumps(info.get("metrics") or {}), "cost": json.dumps(cost, default=str),
+           "config": json.dumps(info.get("config") or {}, default=str), "energy_kwh": _num(cost.get("energy_kwh")),
+           "co2_kg": _num(cost.get("co2_kg")), "updated": time.time()}
     with connect(root) as con, _write(con):
         _upsert(con, row)
 
@@ -232,23 +238,12 @@ def remove(root, keys: list[str]) -> None:
 
 # -- reading -------------------------------------------------------------------
 
-def _alive(pid: int | None, host: str | None) -> bool:
-    if not pid or host != socket.gethostname():
-        return True  # cannot tell from here
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def _decode(root, r: dict) -> dict:
     """A stored row -> the flat dict that list / filter / sort / show use."""
     folder = path_for(root, r["path"])
-    out = {k: r[k] for k in ("name", "kind", "status", "task", "model", "method", "monitor", "monitor_value", "config_hash",
-                             "started", "ended", "wall_seconds", "train_seconds", "energy_kwh", "co2_kg")}
+    out = {k: r[k] for k in ("name", "kind", "status", "task", "model", "method", "monitor", "monitor_value",
+                             "config_hash", "started", "ended", "wall_seconds", "train_seconds", "energy_kwh",
+                             "co2_kg")}
     out["key"] = r["path"]
     out["path"] = str(folder)
     out["parent"] = Path(r["parent"]).name if r["parent"] else None
@@ -258,7 +253,8 @@ def _decode(root, r: dict) -> dict:
     for k, v in json.loads(r["metrics"] or "{}").items():
         out.setdefault(k, v)
     cost = json.loads(r["cost"] or "{}")
-    for k in ("cpu_seconds", "gpu_seconds", "flops", "samples_seen", "tokens_seen", "host_peak_rss_mb", "device_peak_mb"):
+    for k in ("cpu_seconds", "gpu_seconds", "flops", "samples_seen", "tokens_seen", "host_peak_rss_mb",
+              "device_peak_mb"):
         if k in cost:
             out[k] = cost[k]
     out["cost"] = cost
@@ -266,7 +262,7 @@ def _decode(root, r: dict) -> dict:
     if not out["exists"]:
         out["problem"] = f"folder {folder} no longer exists (`slimtune runs rm {out['name']}` drops the entry)"
         out["status"] = "missing"
-    elif out["status"] == "running" and not _alive(r["pid"], r["host"]):
+    elif out["status"] == "running" and not process_alive(r["pid"], r["host"]):
         out["problem"] = f"process {r['pid']} is gone without writing a final status (killed or crashed)"
         out["status"] = "dead"
     return out
@@ -373,11 +369,12 @@ def find(root, ref: str, all_rows: list[dict] | None = None) -> dict:
         if len(hit) == 1:
             return hit[0]
         if len(hit) > 1:
-            raise IndexError_(f"{ref!r} matches {len(hit)} runs ({', '.join(r['path'] for r in hit[:5])}); give the folder path")
+            raise RunIndexError(f"{ref!r} matches {len(hit)} runs ({', '.join(r['path'] for r in hit[:5])}); give the "
+                                "folder path")
     if p.exists() and is_run_folder(p):
-        raise IndexError_(f"{ref}: this run folder is not in the index at {index_file(root)}; add it with "
+        raise RunIndexError(f"{ref}: this run folder is not in the index at {index_file(root)}; add it with "
                           f"`slimtune runs add {ref} --root {root}`")
-    raise IndexError_(f"no run {ref!r} in {index_file(root)} (`slimtune runs list --root {root}` lists them)")
+    raise RunIndexError(f"no run {ref!r} in {index_file(root)} (`slimtune runs list --root {root}` lists them)")
 
 
 # -- filter and sort: track/query.py (re-exported here, where `slimtune runs` and older code look) --

@@ -16,8 +16,8 @@ _KINDS = (
     ("full", ("SQLITE_FULL",), ("database or disk is full",), (errno.ENOSPC, errno.EDQUOT)),
     ("locked", ("SQLITE_BUSY", "SQLITE_LOCKED"), ("database is locked", "database table is locked"), ()),
     ("read-only", ("SQLITE_READONLY",), ("readonly database", "read-only"), (errno.EROFS,)),
-    ("permission", ("SQLITE_PERM", "SQLITE_AUTH", "SQLITE_CANTOPEN"), ("unable to open database file", "permission denied"),
-     (errno.EACCES, errno.EPERM)),
+    ("permission", ("SQLITE_PERM", "SQLITE_AUTH", "SQLITE_CANTOPEN"),
+     ("unable to open database file", "permission denied"), (errno.EACCES, errno.EPERM)),
     ("damaged", ("SQLITE_CORRUPT", "SQLITE_NOTADB"), ("file is not a database", "malformed", "file is encrypted"), ()),
     ("io", ("SQLITE_IOERR",), ("disk i/o error",), (errno.EIO,)),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from ..errors import UsageError
 from .runinfo import flat
 
 _WHERE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|!=|==|=|>|<)\s*([^<>=!\s].*?)\s*$")
@@ -17,8 +18,9 @@ _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: 
         "=": lambda a, b: a == b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 _NOT_COLUMNS = ("cost", "config")  # whole JSON objects: their parts are columns (energy_kwh, train.lr, ...)
 _HIDDEN = ("key", "parent_key", "problem")
-_NUMBER_COLUMNS = ("monitor_value", "started", "ended", "wall_seconds", "train_seconds", "energy_kwh", "co2_kg", "cpu_seconds",
-                   "gpu_seconds", "flops", "samples_seen", "tokens_seen", "host_peak_rss_mb", "device_peak_mb", "runs")
+_NUMBER_COLUMNS = ("monitor_value", "started", "ended", "wall_seconds", "train_seconds", "energy_kwh", "co2_kg",
+                   "cpu_seconds", "gpu_seconds", "flops", "samples_seen", "tokens_seen", "host_peak_rss_mb",
+                   "device_peak_mb", "runs")
 _YES, _NO = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -54,15 +56,16 @@ def resolve_column(name: str, all_rows: list[dict]) -> str:
     shown = sorted(k for k in keys if k not in _HIDDEN)
     near = sorted(k for k in config_keys if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])
     examples = near or sorted(config_keys)[:3] or ["train.lr"]
-    raise ValueError(f"unknown column {name!r}" + (f" (did you mean {' or '.join(near)}?)" if near else "")
-                     + f"; columns: {', '.join(shown)}; or a config key by its dotted path ({', '.join(examples)}, ...)")
+    raise UsageError(f"unknown column {name!r}" + (f" (did you mean {' or '.join(near)}?)" if near else "")
+                     + f"; columns: {', '.join(shown)}; or a config key by its dotted path "
+                     f"({', '.join(examples)}, ...)")
 
 
 def parse_where(expr: str) -> tuple[str, str, str]:
     """'test_accuracy>=0.9' -> ('test_accuracy', '>=', '0.9'); the value is read by `select`, which knows the column."""
     m = _WHERE.match(expr)
     if not m:
-        raise ValueError(f"--where {expr!r}: expected COLUMN OP VALUE with OP one of >=, <=, >, <, =, != "
+        raise UsageError(f"--where {expr!r}: expected COLUMN OP VALUE with OP one of >=, <=, >, <, =, != "
                          f"(for example 'test_accuracy>=0.9' or 'energy_kwh<0.01')")
     key, op, raw = m.groups()
     return key, op, raw.strip("'\"")
@@ -90,15 +93,15 @@ def where_filter(expr: str, all_rows: list[dict]):
         try:
             target = float(raw)
         except ValueError:
-            raise ValueError(f"--where {expr!r}: {said} is a number column and {raw!r} is not a number; give a number "
+            raise UsageError(f"--where {expr!r}: {said} is a number column and {raw!r} is not a number; give a number "
                              f"such as 0.9, 12 or 1e-3 (a decimal point, not a comma)") from None
         return column, lambda r: _number(value(r, column)) and _OPS[op](value(r, column), target)
     if op not in ("=", "==", "!="):
-        raise ValueError(f"--where {expr!r}: {said} is a {kind} column; compare it with = or != "
+        raise UsageError(f"--where {expr!r}: {said} is a {kind} column; compare it with = or != "
                          f"(for example '{column}={'yes' if kind == 'yes-no' else raw}')")
     if kind == "yes-no":
         if raw.lower() not in _YES + _NO:
-            raise ValueError(f"--where {expr!r}: {said} is a yes-no column and {raw!r} is neither; give one of "
+            raise UsageError(f"--where {expr!r}: {said} is a yes-no column and {raw!r} is neither; give one of "
                              f"{', '.join(_YES + _NO)}")
         target = raw.lower() in _YES
         return column, lambda r: isinstance(value(r, column), bool) and _OPS[op](value(r, column), target)
@@ -132,5 +135,6 @@ def select(all_rows: list[dict], task=None, model=None, method=None, status=None
         present.sort(key=(lambda r: value(r, key)) if numeric else (lambda r: str(value(r, key))), reverse=desc)
         out = present + absent  # runs without the value go last either way
     else:  # newest first
-        out.sort(key=lambda r: r.get("started") or r.get("ended") or 0, reverse=True if descending is None else descending)
+        out.sort(key=lambda r: r.get("started") or r.get("ended") or 0,
+                 reverse=True if descending is None else descending)
     return out

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import yaml
 
-
-class RunFolderError(ValueError):
-    """A folder that is not a readable run folder; the message says what is wrong."""
+from ..errors import RunFolderError
 
 
 def config_hash(config: dict) -> str:
@@ -138,6 +136,23 @@ def run_folders_in(folder: str | Path) -> list[Path]:
     return out
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in order; [] when there is none. A line a crash cut short (or that a
+    hand edit broke) is left out rather than failing the run folder."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def read_run(path: str | Path, records: bool = False) -> RunInfo:
     """The run folder's config and summary (and, with `records`, metrics / confusion matrix / meta)."""
     path = Path(path)
@@ -165,15 +180,7 @@ def read_run(path: str | Path, records: bool = False) -> RunInfo:
         summary = {"status": "not started"}
     info = RunInfo(path, config, summary)
     if records:
-        mpath = path / "metrics.jsonl"
-        if mpath.is_file():
-            for line in mpath.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if isinstance(rec, dict):
-                    info.metrics.append(rec)
+        info.metrics = read_metrics(path / "metrics.jsonl")
         if (path / "confusion_matrix.json").is_file():
             info.confusion = _read_json(path / "confusion_matrix.json")
         if (path / "meta.json").is_file():

@@ -1,0 +1,97 @@
+"""`RunConfig`: the whole run config, its cross-section checks and the defaults it resolves from the task.
+
+What a task accepts (its metrics, its default monitor, which way each metric improves) comes from the task
+registry (`slimtune.tasks.task_spec`): no task is named here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..methods import MethodConfig
+from ..methods.lora import LoraConfig
+from ..schema import StrictModel
+from ..tasks import TASKS as TASK_SPECS
+from ..tasks import task_spec
+from ..track.config import TrackConfig
+from .sections import DataConfig, EvalConfig, ImageConfig, ModelConfig, OutputConfig, TrainConfig
+from .sweep import SweepConfig
+
+TASKS = tuple(TASK_SPECS)
+
+
+class RunConfig(StrictModel):
+    task: Literal[TASKS] = Field(..., description="what the model learns to do")
+    model: ModelConfig = Field(..., description="the base model: a Hub id, a folder, a .gguf file or a factory")
+    data: DataConfig = Field(..., description="training / eval / test data and their columns")
+    method: MethodConfig = Field(default_factory=LoraConfig, description="PEFT method and its options")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation: steps, batch, lr, schedule")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="when to evaluate, what, and the best step")
+    image: ImageConfig = Field(default_factory=ImageConfig,
+                               description="image-classification: preprocessing and augmentation")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="where the run folder is written")
+    track: TrackConfig = Field(default_factory=TrackConfig, description="run index, energy / CO2, MLflow / TensorBoard")
+    sweep: SweepConfig | None = Field(None, description="hyperparameter search space and budget for `slimtune sweep` "
+                                      "(ignored by `slimtune run`)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_name(cls, value: object) -> object:
+        return model_section(value)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method_name(cls, value: object) -> object:
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": "lora", **value}  # `method: {r: 16}` means LoRA
+        return value
+
+    @model_validator(mode="after")
+    def _method_default_lr(self) -> RunConfig:
+        """No `train.lr` in the config: the method's own default (methods/*.py `default_lr`)."""
+        if "lr" not in self.train.model_fields_set:
+            from ..methods import REGISTRY
+
+            lr = REGISTRY[self.method.name].default_lr
+            if lr is not None:
+                self.train.lr = lr
+                # filled in, not given: `lr` stays out of the fields the user set, so a dump with exclude_unset
+                # (a sweep's base config) does not carry this method's rate into a trial of another method
+                self.train.model_fields_set.discard("lr")
+        return self
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> RunConfig:
+        named = [("eval.metrics", m) for m in self.eval.metrics or []] + [("eval.monitor", self.eval.monitor)]
+        if self.sweep is not None:
+            named += [(f"sweep.{key}", getattr(self.sweep, key)) for key in ("prune_on", "prune_tiebreak")]
+        known = task_spec(self.task).metrics
+        for key, metric in named:
+            if metric is not None and metric not in known:
+                raise ValueError(f"{key}: {metric!r} is not a metric of task {self.task!r}; "
+                                 f"accepted: {', '.join(known)}")
+        return self
+
+    # resolved defaults ---------------------------------------------------
+    @property
+    def monitor(self) -> str:
+        return self.eval.monitor or task_spec(self.task).default_monitor
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.eval.mode != "auto":
+            return self.eval.mode == "max"
+        return task_spec(self.task).higher_is_better(self.monitor)
+
+
+def model_section(value: object) -> object:
+    """`model: org/name`, as other trainers' configs write it, is `model: {name: org/name}`."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def metric_higher_is_better(metric: str, task: str | None = None) -> bool:
+    """Whether a larger value of `metric` is better: as `task` says, or, without a task, as every task that has
+    the metric says (a metric no task knows counts as higher-is-better)."""
+    specs = [task_spec(task)] if task is not None else [s for s in TASK_SPECS.values() if metric in s.metrics]
+    return all(spec.higher_is_better(metric) for spec in specs)
