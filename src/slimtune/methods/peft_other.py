@@ -57,14 +57,16 @@ class LokrConfig(TargetedConfig):
 class OftConfig(TargetedConfig):
     """OFT (Qiu et al. 2023): block-diagonal orthogonal rotation of the weights."""
     name: Literal["oft"] = "oft"
-    block_size: int | Literal["auto"] = Field("auto", description="size of the orthogonal blocks ('auto': 32, or the largest divisor of the layer widths up to 32)")
+    block_size: int | Literal["auto"] = Field("auto", description="size of the orthogonal blocks ('auto': 32, or "
+                                                                  "the largest divisor of the layer widths up to 32)")
     dropout: float = Field(0.0, ge=0, lt=1, description="module dropout")
 
 
 class BoftConfig(TargetedConfig):
     """BOFT (Liu et al. 2024): orthogonal fine-tuning with butterfly factorisation."""
     name: Literal["boft"] = "boft"
-    block_size: int | Literal["auto"] = Field("auto", description="BOFT block size ('auto': 4, or a divisor of the layer widths)")
+    block_size: int | Literal["auto"] = Field("auto", description="BOFT block size ('auto': 4, "
+                                                                  "or a divisor of the layer widths)")
     n_butterfly_factor: int = Field(1, ge=1, description="number of butterfly factors")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
 
@@ -72,8 +74,10 @@ class BoftConfig(TargetedConfig):
 class Ia3Config(TargetedConfig):
     """IA3 (Liu et al. 2022): learned vectors rescaling keys, values and feed-forward activations."""
     name: Literal["ia3"] = "ia3"
-    targets: Literal["auto"] | list[str] = Field("auto", description="'auto': key/value projections and the feed-forward output layer; or module-name suffixes")
-    feedforward: list[str] | None = Field(None, description="which targets are feed-forward layers (scaled on the input); default from the model type")
+    targets: Literal["auto"] | list[str] = Field("auto", description="'auto': key/value projections and the feed-"
+                                                                     "forward output layer; or module-name suffixes")
+    feedforward: list[str] | None = Field(None, description="which targets are feed-forward layers "
+                                                            "(scaled on the input); default from the model type")
 
 
 def _block_size(requested, model, ctx, default: int) -> int:
@@ -95,10 +99,13 @@ def apply_adalora(model, cfg: AdaLoraConfig, ctx: MethodContext):
     total = ctx.total_steps or 1000
     tinit, tfinal = int(cfg.tinit * total), int(cfg.tfinal * total)
     if tinit + tfinal >= total:
-        raise MethodError(f"method.tinit + method.tfinal ({cfg.tinit} + {cfg.tfinal}) leave no steps for rank allocation in {total} steps")
-    pc = P(task_type=ctx.task_type, init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-           tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, orth_reg_weight=cfg.orth_reg_weight, total_step=total,
-           target_modules=find_targets(model, cfg.targets, exclude=ctx.head_modules), modules_to_save=ctx.head_modules or None)
+        raise MethodError(f"method.tinit + method.tfinal ({cfg.tinit} + {cfg.tfinal}) "
+                          f"leave no steps for rank allocation in {total} steps")
+    pc = P(task_type=ctx.task_type, init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha,
+           lora_dropout=cfg.dropout, tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t,
+           orth_reg_weight=cfg.orth_reg_weight, total_step=total,
+           target_modules=find_targets(model, cfg.targets, exclude=ctx.head_modules),
+           modules_to_save=ctx.head_modules or None)
     return get_peft_model(model, pc)
 
 
@@ -130,11 +137,11 @@ def adalora_load_state(model, saved, step: int) -> None:
     if saved is None:
         if step == 0:
             return
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
-        raise ConfigError(f"this AdaLoRA run's checkpoint (step {step}) was written before slimtune saved AdaLoRA's rank "
-                          "allocator state (importance scores, rank pattern), so it cannot resume exactly; start the run "
-                          "again (slimtune run with its config.yaml)")
+        raise ConfigError(f"this AdaLoRA run's checkpoint (step {step}) was written before slimtune saved "
+                          "AdaLoRA's rank allocator state (importance scores, rank pattern), so it cannot resume "
+                          "exactly; start the run again (slimtune run with its config.yaml)")
     tensors, data = saved
     params = dict(model.base_model.model.named_parameters())  # the allocator's names: those of the wrapped model
     for kind in ALLOCATOR_SCORES:
@@ -217,23 +224,27 @@ def apply_ia3(model, cfg: Ia3Config, ctx):
         names = block_linear_names(model, ctx.head_modules)
         targets = [n for n in names if n.split(".")[-1] in IA3_KEYS]
         # BERT-style FFN output: `<block>.output.dense` (not `attention.output.dense`)
-        ff = [n for n in names if (n.split(".")[-1] in IA3_FF or n == "output.dense") and "attn" not in n and "attention" not in n]
+        ff = [n for n in names if (n.split(".")[-1] in IA3_FF or n == "output.dense")
+              and "attn" not in n and "attention" not in n]
         targets = sorted(set(targets) | set(ff))
         if not targets:
-            raise MethodError("method ia3: found no key / value / feed-forward layers; set method.targets and method.feedforward")
+            raise MethodError("method ia3: found no key / value / feed-forward layers; "
+                              "set method.targets and method.feedforward")
     if cfg.targets == "auto":
         from .targets import block_regex
 
         pc = P(task_type=ctx.task_type, target_modules=block_regex(model, targets),
                feedforward_modules=block_regex(model, ff) if ff else [], modules_to_save=ctx.head_modules or None)
     else:
-        pc = P(task_type=ctx.task_type, target_modules=targets, feedforward_modules=ff, modules_to_save=ctx.head_modules or None)
+        pc = P(task_type=ctx.task_type, target_modules=targets, feedforward_modules=ff,
+               modules_to_save=ctx.head_modules or None)
     return get_peft_model(model, pc)
 
 
 METHODS = [
     Method("adalora", AdaLoraConfig, apply_adalora, on_optimizer_step=adalora_step,
-           save_state=adalora_save_state, load_state=adalora_load_state, before_save=adalora_before_save, default_lr=5e-3, summary="LoRA with adaptive rank budget"),
+           save_state=adalora_save_state, load_state=adalora_load_state, before_save=adalora_before_save,
+           default_lr=5e-3, summary="LoRA with adaptive rank budget"),
     Method("vera", VeraConfig, apply_vera, default_lr=1e-2, summary="shared frozen random matrices + trained vectors"),
     Method("loha", LohaConfig, apply_loha, default_lr=5e-3, summary="Hadamard product of low-rank updates"),
     Method("lokr", LokrConfig, apply_lokr, default_lr=5e-3, summary="Kronecker-product updates"),

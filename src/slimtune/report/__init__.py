@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UsageError
 from ..track import atomic
 from ..track.runinfo import RunFolderError, read_run, run_folders_in
 
@@ -20,7 +21,7 @@ FORMATS = ("svg", "png")
 
 def _check_fmt(fmt: str) -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"image format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise UsageError(f"image format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
 def run_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = "svg") -> Path:

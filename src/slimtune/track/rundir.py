@@ -23,7 +23,9 @@ from . import atomic
 
 
 def default_run_name(cfg) -> str:
-    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.model.name).name if "/" not in cfg.model.name or Path(cfg.model.name).exists() else cfg.model.name.split("/")[-1])
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-",
+                   Path(cfg.model.name).name if "/" not in cfg.model.name or Path(cfg.model.name).exists()
+                   else cfg.model.name.split("/")[-1])
     return f"{cfg.task}-{model}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -90,19 +92,12 @@ class RunDir:
                 continue  # a line cut by a crash
             if rec.get("step", 0) <= last_step and rec.get("type") != "test":
                 keep.append(line)
-        atomic.write_text(p, "".join(l + "\n" for l in keep))
+        atomic.write_text(p, "".join(kept + "\n" for kept in keep))
 
     def metrics(self) -> list[dict]:
-        p = self.path / "metrics.jsonl"
-        if not p.exists():
-            return []
-        out = []
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return out
+        from .runinfo import read_metrics
+
+        return read_metrics(self.path / "metrics.jsonl")
 
 
 def versions() -> dict:
@@ -119,7 +114,8 @@ def versions() -> dict:
 
 def git_hash() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip() or None
     except Exception:
         return None
 

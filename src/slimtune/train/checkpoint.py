@@ -40,7 +40,10 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
-        raise ValueError(f"checkpoint has parameters the model lacks: {missing[:5]} (was the method or model changed?)")
+        from ..errors import RunFolderError
+
+        raise RunFolderError(f"checkpoint has parameters the model lacks: {missing[:5]} "
+                             "(was the method or model changed?)")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))

@@ -33,10 +33,13 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
     return list(groups.values())
 
 
-def build_optimizer(model, lr: float, weight_decay: float, lr_scale=None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    lr_scale: Callable | None = None) -> torch.optim.Optimizer:
     groups = param_groups(model, lr, weight_decay, lr_scale)
     if not groups:
-        raise ValueError("the model has no trainable parameters; check method.targets")
+        from ..errors import MethodError
+
+        raise MethodError("the model has no trainable parameters; check method.targets")
     # the fused kernel updates every tensor in one call: PyTorch's CPU default is a Python loop over the
     # parameters, which for a LoRA model (dozens of small tensors) cost ~20 ms a step, as much as a
     # MiniLM forward+backward (benchmarks/RESULTS.md, bench_core); fall back to foreach where fused
