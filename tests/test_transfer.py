@@ -266,8 +266,9 @@ def test_staged_fine_tuning_and_resume_in_stage_two(tiny_bert, cls_data, tmp_pat
 def test_seq_len_schedule_pure_function_and_collate():
     sched = [(0.0, 16), (0.5, 32), (0.8, 64)]
     assert [seq_len_at(sched, p) for p in (0.0, 0.49, 0.5, 0.79, 0.8, 1.0)] == [16, 16, 32, 32, 64, 64]
-    holder = {"max_len": 4}
-    fn = truncating_collate(lambda ex: ex, holder, keep_last=True)
+    from slimtune.data.batching import BatchShape
+
+    fn = truncating_collate(lambda ex: ex, BatchShape(max_length=4), keep_last=True)
     out = fn([{"input_ids": [1, 2, 3, 4, 5, 6], "attention_mask": [1] * 6, "labels": 1}])
     assert out[0]["input_ids"] == [1, 2, 3, 6] and out[0]["attention_mask"] == [1] * 4 and out[0]["labels"] == 1
 
