@@ -74,7 +74,7 @@ def gather_splits(cfg: RunConfig, read: Callable[[str, str], Any], report: DataR
     train = read(d.train, "train")
     sources = {"train": d.train}
     if d.eval:
-        ev = read(d.eval, "eval")
+        evals = read(d.eval, "eval")
         sources["eval"] = d.eval
     else:
         labels = None
@@ -86,14 +86,14 @@ def gather_splits(cfg: RunConfig, read: Callable[[str, str], Any], report: DataR
         if len(train) < 2:
             raise_small(d.train, len(train))
         tr_idx, ev_idx = split_indices(len(train), d.eval_fraction, d.split_seed, labels)
-        train, ev = train.select(tr_idx), train.select(ev_idx)
+        train, evals = train.select(tr_idx), train.select(ev_idx)
         sources["eval"] = f"{d.eval_fraction:.0%} of {d.train} (seed {d.split_seed})"
         report.stats["eval_carved_out"] = True
     test = None
     if d.test:
         test = read(d.test, "test")
         sources["test"] = d.test
-    return Splits(train, ev, test, report, sources=sources)
+    return Splits(train, evals, test, report, sources=sources)
 
 
 def limit_samples(cfg: RunConfig, splits: Splits) -> None:

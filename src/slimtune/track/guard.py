@@ -151,20 +151,20 @@ def read_meta(run_dir: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def record_extension(rd: RunDir, changed: dict, total_steps: int) -> None:
+def record_extension(files: RunDir, changed: dict, total_steps: int) -> None:
     """A resume that extends training: refused if it leaves nothing to train; else config.yaml takes the new length
     (the next resume continues from it) and resumes.jsonl says at which step the schedule changed."""
     if not changed:
         return
-    step = int(json.loads((rd.path / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))["step"])
-    check_extension(rd.path, changed, step, total_steps)
-    cfg_text = (rd.path / "config.yaml").read_text(encoding="utf-8")
+    step = int(json.loads((files.path / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))["step"])
+    check_extension(files.path, changed, step, total_steps)
+    cfg_text = (files.path / "config.yaml").read_text(encoding="utf-8")
     data = yaml.safe_load(cfg_text) or {}
     for key, (_, new) in changed.items():
         section, name = key.split(".", 1)
         data.setdefault(section, {})[name] = new
-    rd.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
-    if rd.main:
-        with open(rd.path / "resumes.jsonl", "a", encoding="utf-8") as f:
+    files.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
+    if files.main:
+        with open(files.path / "resumes.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"at_step": step, "total_steps": total_steps, "changed": changed,
                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")

@@ -50,16 +50,16 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state()}
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(path: Path, model, optimizer=None, loop_state: dict | None = None, rng: dict | None = None,
