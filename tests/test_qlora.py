@@ -111,3 +111,40 @@ def test_qlora_without_bitsandbytes_names_the_package(monkeypatch):
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(MethodError, match="needs bitsandbytes: pip install bitsandbytes"):
         check_qlora(QloraConfig())
+
+
+def _as_qlora_run(run_dir) -> None:
+    """A LoRA run folder relabelled as QLoRA: the adapter layout is the same (plain LoRA tensors), only the base
+    the run names is 4-bit, so a merge on a machine without CUDA shows how the QLoRA path loads that base."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["method"]["name"] = "qlora"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def test_qlora_merge_folds_the_adapter_into_a_16bit_base(tiny_llama, tmp_path, capsys):
+    """`merge` of a QLoRA run loads the base unquantized in 16-bit and merges there, and says so: merging into the
+    4-bit weights degrades generations, and bitsandbytes (CUDA) would be needed just to load them."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(tiny_llama, tmp_path, steps=6)
+    cfg["method"]["name"] = "lora"
+    res = slimtune.run(cfg)
+    full = slimtune.merge(res.run_dir, tmp_path / "merged-fp32")
+    _as_qlora_run(res.run_dir)
+    capsys.readouterr()
+    out = slimtune.merge(res.run_dir, tmp_path / "merged")
+    assert "merged into the base loaded in bfloat16, not into its quantized weights" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    reference = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).eval()
+    tokens = torch.tensor([[3, 7, 11, 5, 9]])
+    with torch.no_grad():
+        want = reference(tokens).logits
+        got = merged.float().eval()(tokens).logits
+    # the same merged weights, rounded to bf16 (8 bits of mantissa)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    assert not torch.equal(want, AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(tokens).logits)

@@ -30,11 +30,13 @@ class LoadedRun:
     task: Task
 
 
-def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: bool = False) -> LoadedRun:
+def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: bool = False,
+             for_merge: bool = False) -> LoadedRun:
     """The base model with the run's adapter, its tokenizer and task facts.
 
     `trust_run_code`: load a run folder whose model runs code (model.trust_remote_code, a factory); refused
-    otherwise, since a copied run folder is code (track/guard.py)."""
+    otherwise, since a copied run folder is code (track/guard.py). `for_merge`: the base a merge folds the
+    adapter into (the method's merge_load_kwargs: QLoRA's in 16-bit, not 4-bit)."""
     from .tasks.common import Splits
 
     run_dir = Path(run_dir)
@@ -53,7 +55,11 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
     tokenizer = task.load_processor(cfg, ModelSource(str(adapter), None, None, "folder"))
     splits = Splits(None, None, None, None, meta=meta)
     method = get_method(cfg.method.name)  # the base as it was trained (QLoRA: 4-bit), not a full-precision copy
-    base = task.load_model(cfg, source, splits, **(method.load_kwargs(cfg.method) if method.load_kwargs else {})).model
+    if for_merge and method.merge_load_kwargs:
+        load_kwargs = method.merge_load_kwargs(cfg.method)
+    else:
+        load_kwargs = method.load_kwargs(cfg.method) if method.load_kwargs else {}
+    base = task.load_model(cfg, source, splits, **load_kwargs).model
     if hasattr(base, "config") and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
     model = load_adapter(base, adapter)
@@ -103,7 +109,11 @@ def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OutputExists(f"{out_dir}: exists and is not empty; choose a new folder")
-    loaded = load_run(run_dir, device="cpu", trust_run_code=trust_run_code)
+    loaded = load_run(run_dir, device="cpu", trust_run_code=trust_run_code, for_merge=True)
+    if get_method(loaded.cfg.method.name).merge_load_kwargs:
+        dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+        print(f"[merge] {loaded.cfg.method.name}: the adapter is merged into the base loaded in {dtype}, not into its "
+              "quantized weights (merging into 4-bit weights degrades generations)", file=sys.stderr)
     merged = merge_adapter(loaded.model, Path(run_dir) / "adapter")
     with atomic.folder(out_dir) as tmp:
         if hasattr(merged, "save_pretrained"):

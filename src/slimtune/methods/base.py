@@ -42,12 +42,17 @@ class Method:
     save_state: Callable[[Any], tuple[dict, dict]] | None = None
     load_state: Callable[[Any, tuple[dict, dict] | None, int], None] | None = None
     load_kwargs: Callable[[Any], dict] | None = None  # extra from_pretrained kwargs (quantization)
+    # the from_pretrained kwargs of the base a merge folds the adapter into, where they differ from training's
+    # (QLoRA: a 16-bit base, not the 4-bit one: merging into quantized weights degrades generations, peft#2321)
+    merge_load_kwargs: Callable[[Any], dict] | None = None
     check_environment: Callable[[Any], None] | None = None
     before_save: Callable[[Any, Any], dict] | None = None  # -> extra save_pretrained kwargs
     # train.lr when the config sets none; None: TrainConfig's default (5e-4, right for the LoRA family).
     # Families whose parameters move the output far less per unit of lr (vectors, zero-initialised factors,
     # a probe) need larger rates; full fine-tuning needs smaller ones (benchmarks/bench_methods.py measured them).
     default_lr: float | None = None
+    # why train.gradient_checkpointing cannot be used with the method (None: it can)
+    checkpointing_conflict: str | None = None
 
 
 Targets = Literal["auto", "all-linear", "attention"] | list[str]

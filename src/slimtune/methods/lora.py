@@ -184,6 +184,14 @@ def qlora_load_kwargs(cfg) -> dict:
         "device_map": {"": torch.cuda.current_device()}}
 
 
+def qlora_merge_load_kwargs(cfg) -> dict:
+    """The 16-bit dtype QLoRA computes in (bnb_4bit_compute_dtype), for the base a merge loads unquantized."""
+    import torch
+
+    gpu_without_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+    return {"dtype": torch.float16 if gpu_without_bf16 else torch.bfloat16}
+
+
 METHODS = [
     Method("lora", LoraConfig, apply, summary="low-rank updates of the block linear layers"),
     Method("dora", DoraConfig, apply, summary="LoRA + learned magnitude (weight-decomposed)"),
@@ -194,6 +202,7 @@ METHODS = [
     Method("eva", EvaConfig, apply, summary="LoRA initialised from activations (data-driven ranks)"),
     Method("lora-plus", LoraPlusConfig, apply, lr_scale=lora_plus_scale, default_lr=2e-4,
            summary="LoRA with a higher lr for B"),
-    Method("qlora", QloraConfig, apply, load_kwargs=qlora_load_kwargs, check_environment=check_qlora,
+    Method("qlora", QloraConfig, apply, load_kwargs=qlora_load_kwargs, merge_load_kwargs=qlora_merge_load_kwargs,
+           check_environment=check_qlora,
            summary="LoRA on a 4-bit base (CUDA)"),
 ]

@@ -140,12 +140,11 @@ def load_pretrained(auto_cls, src: ModelSource, trust_remote_code: bool = False,
     import torch
     from transformers.utils import logging as hf_logging
 
-    kw = _common_kwargs(src, trust_remote_code, revision)
-    kw.setdefault("dtype", torch.float32)
+    kw = {"dtype": torch.float32, **_common_kwargs(src, trust_remote_code, revision), **kwargs}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized" report is expected: that is the head we train
     try:
-        model, info = auto_cls.from_pretrained(src.path, output_loading_info=True, **kw, **kwargs)
+        model, info = auto_cls.from_pretrained(src.path, output_loading_info=True, **kw)
     except Exception as e:
         raise ModelError(f"cannot load model {src.path!r} as {auto_cls.__name__}: {type(e).__name__}: {e}") from None
     finally:
