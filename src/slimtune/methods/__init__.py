@@ -35,11 +35,14 @@ def apply_method(model, cfg, ctx: MethodContext):
     return REGISTRY[cfg.name].apply(model, cfg, ctx)
 
 
-def save_adapter(model, cfg, path: Path, base_name: str, task: str) -> None:
-    """Write the trained adapter into `path` (an empty folder)."""
+def save_adapter(model, cfg, path: Path, base_name: str, task: str, whole: dict | None = None) -> None:
+    """Write the trained adapter into `path` (an empty folder). `whole`: the trainable tensors gathered whole
+    beforehand on every process, where the model is sharded (FSDP2, ZeRO-3) and its own parameters are shards."""
     method = REGISTRY[cfg.name]
     if method.saved_by == "peft":
         extra = method.before_save(model, str(path.parent)) if method.before_save else {}
+        if whole is not None:
+            extra["state_dict"] = whole
         try:
             model.save_pretrained(str(path), save_embedding_layers=False, **extra)  # 'auto' would ask the Hub
         finally:
@@ -52,7 +55,8 @@ def save_adapter(model, cfg, path: Path, base_name: str, task: str) -> None:
         return
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = whole if whole is not None else {
+        n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(path / NATIVE_WEIGHTS))
     (path / NATIVE_FILE).write_text(json.dumps({
         "format": "slimtune-native/1", "method": cfg.name, "method_config": cfg.model_dump(mode="json"),

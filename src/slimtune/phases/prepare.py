@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import sys
 import time
@@ -96,7 +97,12 @@ def make_accelerator(mixed_precision: str):
     # cpu=True where there is no GPU: accelerate then forms a gloo group under torchrun /
     # `accelerate launch`; without it each process would train alone
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(mixed_precision=mixed_precision, cpu=not gpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not gpu)
+    if not gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.is_main_process:
+        # accelerate turns FSDP on only for GPU-like processes and drops it for CPU ones without a word
+        print("FSDP was asked for, but accelerate shards only GPU processes: each of these CPU processes holds "
+              "the whole model (DDP)", file=sys.stderr)
+    return accelerator
 
 
 # -- 2. data, model source, processor, features --------------------------------------------------------------
