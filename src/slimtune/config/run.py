@@ -73,6 +73,20 @@ class RunConfig(StrictModel):
                                  f"accepted: {', '.join(known)}")
         return self
 
+    @model_validator(mode="after")
+    def _check_packing(self) -> RunConfig:
+        packing = self.data.packing
+        if packing is False:
+            return self
+        accepted = [name for name, spec in TASK_SPECS.items() if spec.packing]
+        if not task_spec(self.task).packing:
+            raise ValueError(f"data.packing: {packing!r} is not accepted for task {self.task!r}; packing is for "
+                             f"task {', '.join(accepted)}; set data.packing: false")
+        if self.train.seq_len_schedule:
+            raise ValueError("data.packing and train.seq_len_schedule: packed rows are up to model.max_length long "
+                             "from the first step; use one of them")
+        return self
+
     # resolved defaults ---------------------------------------------------
     @property
     def monitor(self) -> str:

@@ -64,6 +64,11 @@ class DataConfig(StrictModel):
     prompt_column: str = Field("prompt", description="column with the instruction (format: instruction)")
     response_column: str = Field("response", description="column with the response (format: instruction)")
     train_on_prompt: bool = Field(False, description="causal-lm: also compute the loss on prompt / user tokens")
+    packing: bool | Literal["split"] = Field(
+        False, description="causal-lm training: false: one example per row, padded; true: examples (truncated to "
+        "model.max_length) packed into rows of up to max_length tokens by best-fit decreasing, attention kept inside "
+        "each example; 'split': as true, but an example longer than max_length is cut into max_length chunks packed "
+        "separately instead of truncated. Evaluation batches are never packed")
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of train carved out for eval when eval is "
         "absent")
     split_seed: int = Field(0, description="seed of the train/eval split")

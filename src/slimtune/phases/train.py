@@ -212,6 +212,8 @@ def finish(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches, tr
         "wall_seconds": time.perf_counter() - setup.started, "train_seconds": state.train_seconds,
         "samples_seen": state.samples, "tokens_seen": state.tokens,
         "samples_per_s": state.samples / secs, "tokens_per_s": state.tokens / secs,
+        # real (non-padding) tokens / the token positions of the training batches; packed rows: near 1
+        "real_token_share": state.tokens / state.token_slots if state.token_slots else None,
     }, loop)
     folder.files.write_json("summary.json", summary)
     accelerator.wait_for_everyone()

@@ -19,7 +19,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              "accuracy", "samples", "SEQ_CLS", "tokens", fast_new_head=True, keep_last_token=True,
              auto_model="AutoModelForSequenceClassification"),
     TaskSpec("causal-lm", "slimtune.tasks.causal_lm", ("loss", "perplexity"), ("loss", "perplexity"),
-             "loss", "tokens", "CAUSAL_LM", "tokens", has_head=False, auto_model="AutoModelForCausalLM"),
+             "loss", "tokens", "CAUSAL_LM", "tokens", has_head=False, packing=True,
+             auto_model="AutoModelForCausalLM"),
     # peft_task_type None: peft's plain PeftModel, the model's own forward (pixel_values, labels)
     TaskSpec("image-classification", "slimtune.tasks.image_classification",
              _CLASSIFICATION + ("top2_accuracy", "top3_accuracy", "top5_accuracy"), _CLASSIFICATION,

@@ -93,6 +93,11 @@ class Task:
         """(samples, tokens) of a training batch, for throughput; tensors are fine (read at log time)."""
         raise NotImplementedError
 
+    def token_slots(self, batch: Batch) -> Any:
+        """The token positions a training batch holds, padding included (rows x padded length): the summary's
+        real-token share is tokens / slots; None where the task has no tokens."""
+        return None
+
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         """Per-example outputs of one eval batch, gathered across processes by the loop."""
         raise NotImplementedError

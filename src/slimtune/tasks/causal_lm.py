@@ -4,15 +4,19 @@ Plain text is tokenized, joined with EOS and cut into blocks of max_length
 (the usual LM packing). Chat / instruction records go through the model's chat
 template; by default the loss is on the assistant tokens only (labels -100
 elsewhere), found by rendering the conversation prefix before each assistant
-turn and masking up to it.
+turn and masking up to it. With data.packing the training examples are packed
+into rows with per-example position ids (data/packing.py says how attention
+stays inside each example); evaluation examples never are.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterable
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
+from ..data import packing
 from ..data.readers import DataError
 from ..data.validate import require_columns, require_nonempty, text_warnings
 from . import TASKS
@@ -123,17 +127,26 @@ def _pack_text(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length:
 
 
 def _chat_examples(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: Splits, name: str, ds,
-                   fmt: str) -> list[Example]:
-    """Chat / instruction records of one split, encoded; truncation and dropped records go into the report."""
+                   fmt: str, whole: bool = False) -> list[Example]:
+    """Chat / instruction records of one split, encoded; truncation and dropped records go into the report.
+    `whole`: not truncated (data.packing: split cuts the long ones into chunks later), so not cut to heads either."""
     max_length = cfg.model.max_length
     examples, n_trunc = [], 0
     for msgs in _records_to_messages(cfg, ds, fmt):
-        msgs, cut = _head_messages(tokenizer, msgs, max_length + HEAD_MARGIN)
-        ex, trunc = encode_chat(tokenizer, msgs, max_length, cfg.data.train_on_prompt)
-        n_trunc += trunc or cut
+        cut = False
+        if not whole:
+            msgs, cut = _head_messages(tokenizer, msgs, max_length + HEAD_MARGIN)
+        ex, trunc = encode_chat(tokenizer, msgs, sys.maxsize if whole else max_length, cfg.data.train_on_prompt)
+        n_trunc += trunc or cut or len(ex["input_ids"]) > max_length
         if any(lab != -100 for lab in ex["labels"]):
             examples.append(ex)
-    truncation_warning(splits.report, name, n_trunc, len(ds), max_length)
+    if whole:
+        splits.report.stats[f"{name}_split"] = n_trunc
+        if n_trunc:
+            splits.report.warn(f"{name}: {n_trunc} of {len(ds)} examples are longer than model.max_length="
+                               f"{max_length} and were split into chunks (data.packing: split)")
+    else:
+        truncation_warning(splits.report, name, n_trunc, len(ds), max_length)
     dropped = len(ds) - len(examples)
     if dropped:
         splits.report.warn(f"{name}: {dropped} record(s) had no response tokens left after truncation and were dropped")
@@ -172,7 +185,7 @@ def loss_kwargs(cfg: RunConfig, model: torch.nn.Module, train_examples: list[Exa
     return {"num_items_in_batch": max(1.0, scored / batches_per_epoch)}
 
 
-def train_loss_fn(cfg: RunConfig, model: torch.nn.Module, loss_kwargs: dict) -> Callable | None:
+def train_loss_fn(cfg: RunConfig, model: torch.nn.Module, forward_kwargs: dict) -> Callable | None:
     """The training loss computed from the logits of the scored positions only, or None (the model's own loss).
 
     A causal LM's output layer is a large share of its compute (SmolLM2-135M: a 576 x 49,152 matrix,
@@ -181,7 +194,8 @@ def train_loss_fn(cfg: RunConfig, model: torch.nn.Module, loss_kwargs: dict) -> 
     we pass the positions whose next token is scored in any row of the batch and compute the same
     cross-entropy on them (same sum, same divisor). It goes through the model's own forward (so DDP,
     autocast and peft wrappers see a normal call). Not used for prompt-learning methods (their virtual
-    tokens shift positions) or models whose forward lacks `logits_to_keep`."""
+    tokens shift positions) or models whose forward lacks `logits_to_keep`. `forward_kwargs`: loss_kwargs'
+    divisor, and the extra forward arguments of packed batches."""
     if not cfg.train.scored_logits_only:
         return None
     peft_cfg = getattr(model, "peft_config", None) or {}
@@ -190,14 +204,15 @@ def train_loss_fn(cfg: RunConfig, model: torch.nn.Module, loss_kwargs: dict) -> 
     params = _forward_parameters(model)
     if params is None or all(p.name != "logits_to_keep" for p in params):
         return None
-    divisor = loss_kwargs.get("num_items_in_batch")
+    divisor = forward_kwargs.get("num_items_in_batch")
+    extra = {k: v for k, v in forward_kwargs.items() if k != "num_items_in_batch"}
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         labels = batch["labels"]
         target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts token p + 1
         keep = (target != -100).any(0)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, logits_to_keep=keep).logits
+        logits = model(**inputs, **extra, logits_to_keep=keep).logits
         target = target[:, keep]
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
                                                  reduction="sum")
@@ -253,32 +268,48 @@ class CausalLM(Task):
             splits.report.warn("the tokenizer has no chat template; using a ChatML fallback "
                                "(<|im_start|>role ... <|im_end|>)")
         out = {}
+        pack = cfg.data.packing
         for name, ds in splits.present():
             if fmt == "text":
                 out[name] = _pack_text(tokenizer, [str(t) for t in ds[cfg.data.text_column]], cfg.model.max_length)
             else:
-                out[name] = _chat_examples(cfg, tokenizer, splits, name, ds, fmt)
+                whole = pack == "split" and name == "train"
+                out[name] = _chat_examples(cfg, tokenizer, splits, name, ds, fmt, whole)
             if not out[name]:
                 raise DataError(f"{splits.sources.get(name, name)}: no {name} examples left after tokenization")
+        if pack:
+            out["train"], splits.report.stats["train_packing"] = packing.pack_examples(
+                out["train"], cfg.model.max_length, split=pack == "split")
         return out
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Example]], Batch]:
+        """Padded batches of examples; padding-free batches of packed rows (the training rows under data.packing,
+        which carry their position ids)."""
         pad_id = tokenizer.pad_token_id
-        return lambda examples: pad_batch(examples, pad_id)
+        return lambda examples: (packing.packed_batch(examples, pad_id) if packing.is_packed(examples)
+                                 else pad_batch(examples, pad_id))
 
     def loss_hooks(self, cfg: RunConfig, model: torch.nn.Module, train_examples: list[Example],
                    batches_per_epoch: int) -> LossHooks:
         """Every scored token weighs the same (loss_kwargs), and only the scored positions' logits are
-        computed (train_loss_fn)."""
+        computed (train_loss_fn). Packed rows: without a cache (data/packing.py), checked on the model first."""
         forward_kwargs = loss_kwargs(cfg, model, train_examples, batches_per_epoch)
         note = None
-        if forward_kwargs:
+        if "num_items_in_batch" in forward_kwargs:
             note = {"num_items_in_batch": forward_kwargs["num_items_in_batch"],
                     "rule": "summed token loss / mean scored tokens per batch over the epoch"}
+        if cfg.data.packing:
+            forward_kwargs = {**forward_kwargs, **packing.PACKED_FORWARD_KWARGS}
+            packing.check_block_causal(model, forward_kwargs)
         return LossHooks(forward_kwargs, train_loss_fn(cfg, model, forward_kwargs), note)
 
-    def count(self, batch: Batch) -> tuple[int, torch.Tensor]:
+    def count(self, batch: Batch) -> tuple[Any, torch.Tensor]:
+        if packing.is_packed(batch):
+            return packing.count_tokens(batch)
         return batch["input_ids"].shape[0], batch["attention_mask"].sum()  # a tensor: read at log time
+
+    def token_slots(self, batch: Batch) -> int:
+        return batch["input_ids"].numel()
 
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         labels = batch["labels"]

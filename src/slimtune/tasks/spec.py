@@ -25,6 +25,8 @@ class TaskSpec:
     has_head: bool = True  # a new output layer sized to the labels (classification), trained in full
     # a sequence-length schedule cuts examples but keeps their last token (a classifier's [SEP] / EOS)
     keep_last_token: bool = False
+    # training examples may be packed into rows (data.packing): the task's collate and count handle packed rows
+    packing: bool = False
     lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
     # the transformers Auto class that builds the model from its config (`slimtune inspect`, on the meta device);
     # None: the task is not inspected

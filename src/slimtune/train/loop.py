@@ -92,7 +92,7 @@ class Loop:
         # what checkpoints hold: every parameter the method trains, frozen for now or not (transfer callbacks
         # freeze some of them from on_train_begin on, after this)
         self.saved_params = checkpoint.trainable_names(accelerator.unwrap_model(model))
-        self._pending = [0, 0]  # samples, tokens of the optimizer steps since the last fold into the state
+        self._pending = [0, 0, 0]  # samples, tokens, token slots of the optimizer steps since the last fold
         self._rng = checkpoint.rng_state()
         self.last_metrics: dict = {}
         self.last_parts: dict = {}  # per-example outputs of the last evaluation (the confusion matrix's input)
@@ -138,7 +138,7 @@ class Loop:
         n_micro = self.data.sampler.per_rank()
         micro = state.micro_in_epoch
         t0 = time.perf_counter()
-        group = [0, 0]  # samples, tokens of this accumulation group: counted once its optimizer step is taken
+        group = [0, 0, 0]  # samples, tokens, token slots of this accumulation group: counted once it steps
         for batch in self.data.train_loader:
             micro += 1
             group_start = ((micro - 1) // accum) * accum
@@ -152,16 +152,17 @@ class Loop:
             accelerator.backward(loss / in_group)
             # tensors, not Python numbers: no host sync per micro-batch (it stalls a GPU)
             samples, tokens = self.task.count(batch)
+            slots = self.task.token_slots(batch)
             window["loss"] = window["loss"] + loss.detach().float() / in_group
-            group[0], group[1] = group[0] + samples, group[1] + tokens
+            group = [group[0] + samples, group[1] + tokens, group[2] + (slots or 0)]
             if not sync:
                 continue
             self._optimizer_step()
             state.step += 1
             state.micro_in_epoch = micro
             state.train_seconds += time.perf_counter() - t0
-            self._pending[0], self._pending[1] = self._pending[0] + group[0], self._pending[1] + group[1]
-            group = [0, 0]
+            self._pending = [p + g for p, g in zip(self._pending, group)]
+            group = [0, 0, 0]
             window["steps"] += 1
             self._rng = checkpoint.rng_state()
             if state.step % self.plan.log_every == 0 or state.step == self.total_steps:
@@ -188,7 +189,9 @@ class Loop:
         n_proc = self.accelerator.num_processes
         self.state.samples += int(self._pending[0]) * n_proc
         self.state.tokens += int(self._pending[1]) * n_proc
-        self._pending = [0, 0]
+        if self.state.token_slots is not None:
+            self.state.token_slots += int(self._pending[2]) * n_proc
+        self._pending = [0, 0, 0]
 
     def _record_stop(self) -> None:
         """Training ended early at this step: the last checkpoint, when it is of this step, says so, so that a

@@ -16,6 +16,9 @@ class TrainState:
     last_eval_step: int = -1
     samples: int = 0
     tokens: int = 0
+    # token positions of the training batches, padding included (the real-token share is tokens / token_slots);
+    # None: not all counted (a run that started before they were)
+    token_slots: int | None = 0
     train_seconds: float = 0.0
     stopped: str | None = None  # why training ended early (early stopping, pruning), or None
     best_metrics: dict | None = None
@@ -33,7 +36,10 @@ class TrainState:
     @classmethod
     def from_json(cls, data: dict) -> TrainState:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        if "token_slots" not in data and state.tokens:
+            state.token_slots = None
+        return state
 
     def replace(self, **changes) -> TrainState:
         return TrainState(**{**asdict(self), **changes})
