@@ -167,6 +167,7 @@ class ends_as_status:  # noqa: N801  (used as a context manager, named for how r
                     loop.save_interrupt_checkpoint()
                 summary = {"status": "interrupted", "step": loop.state.step, **self.trainer.base_summary}
                 files.write_json("summary.json", tracking.end(summary, loop))
+                loop.leave_together()
             loop.accelerator.print(f"\ninterrupted at step {loop.state.step}; checkpoint saved. Resume with:\n"
                                    f"  slimtune run --resume {self.folder.path}")
         else:
@@ -195,9 +196,10 @@ def finish(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches, tr
     accelerator.wait_for_everyone()
     if (best / "trainable.safetensors").exists():
         checkpoint.load(best, unwrapped)
+    whole = checkpoint.trainable_state(unwrapped) if checkpoint.sharded(unwrapped) else None  # on every process
     if accelerator.is_main_process:
         with atomic.folder(folder.path / "adapter") as tmp:
-            save_adapter(unwrapped, cfg.method, tmp, source.hub_id or source.path, cfg.task)
+            save_adapter(unwrapped, cfg.method, tmp, source.hub_id or source.path, cfg.task, whole)
             inputs.processor.save_pretrained(str(tmp))
     test_metrics = None
     status = loop.stop_status  # 'pruned' when a sweep stopped it: no test evaluation

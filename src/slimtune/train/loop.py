@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..errors import RunFolderError
 from ..tasks.base import LossHooks
 from ..track import atomic
 from . import checkpoint
@@ -245,9 +246,12 @@ class Loop:
         batches = self.data.eval_batches if batches is None else batches
         mine = batches[accelerator.process_index::accelerator.num_processes]
         # the unwrapped model: DDP's forward broadcasts buffers, a collective that would hang
-        # when processes hold different numbers of eval batches
-        local = eval_parts(accelerator.unwrap_model(self.model), self.task, self.data.collate, examples, mine,
-                           accelerator.device, accelerator.autocast)
+        # when processes hold different numbers of eval batches. A sharded model's forward is a collective
+        # itself (each layer gathers its weights): a process one batch short runs one more for it alone
+        model = accelerator.unwrap_model(self.model)
+        short = -(-len(batches) // accelerator.num_processes) - len(mine) if checkpoint.sharded(model) else 0
+        local = eval_parts(model, self.task, self.data.collate, examples, mine, accelerator.device,
+                           accelerator.autocast, idle_batches=batches[:1] * short)
         if accelerator.num_processes > 1:
             gathered = [g for g in gather_object([local]) if g]
             local = {k: torch.cat([g[k] for g in gathered]) for k in gathered[0]}
@@ -277,13 +281,18 @@ class Loop:
             new = state.replace(last_eval_step=state.step, last_metrics=metrics,
                                 evals_since_best=state.evals_since_best + 1)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        # collectives: every process is here, the evaluation just gathered its outputs
+        rng = checkpoint.rng_of_every_process(self.accelerator, self._rng) if self.cfg.output.save_checkpoints else None
+        whole = checkpoint.gathered(unwrapped, self.optimizer if self.cfg.output.save_checkpoints else None,
+                                    self.saved_params)
         if self.accelerator.is_main_process:
             checkpoints = self.run.path / "checkpoints"
             if improved:
-                checkpoint.save(checkpoints / "best", unwrapped, loop_state=new.to_json(), names=self.saved_params)
+                checkpoint.save(checkpoints / "best", unwrapped, loop_state=new.to_json(), names=self.saved_params,
+                                whole=whole)
             if self.cfg.output.save_checkpoints:
-                checkpoint.save(checkpoints / "last", unwrapped, self.optimizer, new.to_json(), self._rng,
-                                names=self.saved_params, extra=self._extra_state())
+                checkpoint.save(checkpoints / "last", unwrapped, self.optimizer, new.to_json(), rng,
+                                names=self.saved_params, extra=self._extra_state(), whole=whole)
         self.accelerator.wait_for_everyone()
         state.assign(new)  # in place: fit() and callbacks hold this object
         self.last_metrics = metrics
@@ -304,14 +313,32 @@ class Loop:
         return {cb.state_key: cb.state_dict(self) for cb in self._stateful()}
 
     def save_interrupt_checkpoint(self) -> None:
-        """Ctrl-C: keep the state as of the last completed optimizer step."""
+        """Ctrl-C: keep the state as of the last completed optimizer step. No collective (see checkpoint.py):
+        the main process saves the checkpoint with its RNG state, each other process its own RNG state."""
         self._fold_counts()
-        if self.accelerator.is_main_process:
-            checkpoint.save(self.run.path / "checkpoints" / "last", self.accelerator.unwrap_model(self.model),
-                            self.optimizer, self.state.to_json(), self._rng, names=self.saved_params,
+        accelerator, checkpoints = self.accelerator, self.run.path / "checkpoints"
+        if checkpoint.sharded(accelerator.unwrap_model(self.model)):
+            return accelerator.print("the model is sharded: gathering it needs every process, which an interrupt "
+                                     f"cannot ask for; a resume starts at step {self.state.last_eval_step}")
+        if accelerator.is_main_process:
+            checkpoint.save(checkpoints / "last", accelerator.unwrap_model(self.model), self.optimizer,
+                            self.state.to_json(), checkpoint.rank_states([self._rng]), names=self.saved_params,
                             extra=self._extra_state())
+        else:
+            checkpoint.save_rank_rng(checkpoints, accelerator.process_index, self.state.step, self._rng)
+
+    def leave_together(self) -> None:
+        """After an interrupt's saves: the launcher stops all processes once one exits, so none leaves before all
+        saved. One interrupted inside a collective never comes: the barrier fails (the saves are done: ignored)
+        or waits for the launcher's shutdown after Ctrl-C."""
+        if self.accelerator.num_processes > 1:
+            with contextlib.suppress(RuntimeError):
+                self.accelerator.wait_for_everyone()
 
     def restore(self, path: Path) -> None:
+        if str(self.accelerator.distributed_type).endswith("DEEPSPEED"):
+            raise RunFolderError("a DeepSpeed run cannot resume: its optimizer state is partitioned across the "
+                                 "processes, checkpoints/last holds the main one's part only; start it again")
         saved, rng = checkpoint.load(path, self.accelerator.unwrap_model(self.model), self.optimizer)
         state = TrainState.from_json(saved)
         # a run that stopped early and was interrupted while finishing stays stopped (see _record_stop), unless
@@ -324,6 +351,7 @@ class Loop:
         self.last_metrics = state.last_metrics or {}
         for cb in self._stateful():
             cb.load_state_dict(self, checkpoint.load_extra(path, cb.state_key))
+        rng = checkpoint.rng_for_rank(rng, self.accelerator.process_index, state.step, Path(path).parent)
         if rng is not None:
             checkpoint.set_rng_state(rng)
             self._rng = rng
@@ -350,9 +378,10 @@ def interrupts_deferred(note: str = "still saving the checkpoint and the summary
 
 @torch.inference_mode()
 def eval_parts(model: torch.nn.Module, task: Task, collate: Callable, examples: list, batches: list[list[int]],
-               device: torch.device,
-               autocast: Callable = contextlib.nullcontext) -> dict:
-    """Per-example eval outputs (predictions, losses) of the given batches, concatenated."""
+               device: torch.device, autocast: Callable = contextlib.nullcontext,
+               idle_batches: list[list[int]] = ()) -> dict:
+    """Per-example eval outputs (predictions, losses) of the given batches, concatenated; `idle_batches` run
+    after them only for the collectives a sharded model's forward takes part in, their outputs dropped."""
     was_training = model.training
     model.eval()
     parts = defaultdict(list)
@@ -361,6 +390,8 @@ def eval_parts(model: torch.nn.Module, task: Task, collate: Callable, examples: 
             batch = _to(collate([examples[i] for i in idx]), device)
             for k, v in task.eval_step(model, batch).items():
                 parts[k].append(v.float().cpu())
+        for idx in idle_batches:
+            task.eval_step(model, _to(collate([examples[i] for i in idx]), device))
     if was_training:
         model.train()
     return {k: torch.cat(v) for k, v in parts.items()}
