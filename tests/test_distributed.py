@@ -137,6 +137,7 @@ def test_two_process_accelerate_launch(two_process):
     assert len(rng["ranks"]) == 2
 
 
+@pytest.mark.slow  # four 2-process launches (~3 min on 2 cores); CI runs it with the other slow checks
 def test_a_crashed_then_interrupted_two_process_run_resumes_to_the_same_weights(two_process):
     """Killed right after the evaluation of step 5 (the checkpoint holds every process's RNG state, gathered),
     resumed, interrupted by Ctrl-C at step 7 (the main process saves the checkpoint, the other its own RNG
