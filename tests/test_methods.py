@@ -231,7 +231,7 @@ def test_inspect_cli_fits_80_columns_without_dependency_noise(tiny_bert_wide):
     assert set(METHODS) | {"qlora"} <= rows  # every method on a row of its own, its name whole
     header = next(line for line in lines if "method" in line and "trainable" in line)
     assert [h.strip() for h in header.replace("┃", "|").split("|") if h.strip()] == \
-        ["method", "trainable", "share", "train", "saved", "adapter", "merge"]
+        ["method", "trainable", "share", "train", "ckpt", "saved", "adapter", "merge"]
 
 
 def test_readme_method_table_quotes_the_latest_measurement():

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import warnings
 import weakref
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -121,6 +123,32 @@ class _AllocatorBooks(TorchDispatchMode):
         return out
 
 
+class _CpuAttention(TorchFunctionMode):
+    """On the meta device torch's scaled_dot_product_attention takes its math path, which keeps the attention
+    probabilities (batch x heads x length^2) for the backward pass; a CPU takes its flash kernel wherever there
+    is no attention dropout, which keeps the output and its log-sum-exp only. The books follow the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].device.type == "meta":
+            call = _SDPA.bind(*args, **kwargs).arguments
+            if not call.get("dropout_p"):
+                mask = call.get("attn_mask")
+                if mask is not None and mask.dtype == torch.bool:  # as the CPU does: an additive float mask
+                    mask = torch.zeros(mask.shape, dtype=args[0].dtype, device=mask.device).masked_fill(~mask, -1e9)
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    call["query"], call["key"], call["value"], 0.0, call.get("is_causal", False), attn_mask=mask,
+                    scale=call.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention's parameters (a builtin: inspect cannot read them)."""
+
+
+_SDPA = inspect.signature(_sdpa_signature)
+
+
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -136,7 +164,8 @@ def weights_bytes(model) -> int:
 def step_bytes(model, batch: dict) -> dict:
     """One forward + backward: the peak bytes held on top of the weights (`peak`), of which autograd
     saved `saved` for the backward pass (counted once per storage), and the gradients left (`grads`)."""
-    existing = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers()) + list(batch.values())}
+    inputs = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    existing = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers()) + inputs}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -146,7 +175,7 @@ def step_bytes(model, batch: dict) -> dict:
         return t
 
     books = _AllocatorBooks(existing)
-    with books, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _CpuAttention(), books, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(**batch)
         loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().mean()
         del out
@@ -209,7 +238,37 @@ def method_cost(model: torch.nn.Module, task: str, name: str, batch_size: int, s
     # the step's peak includes the gradients as they appear; without it, count them whole
     held = step["peak"] if step else row["grad_bytes"]
     row["train_memory_bytes"] = row["weights_bytes"] + row["optimizer_bytes"] + held
+    if step:
+        row.update(_checkpointed_cost(m, method, task, batch_size, seq_len, row))
     return row
+
+
+def _checkpointed_cost(model: torch.nn.Module, method, task: str, batch_size: int, seq_len: int, row: dict) -> dict:
+    """The same step with train.gradient_checkpointing: true, run the same way: the books see what the
+    checkpointed blocks keep (their inputs) and the recomputation in the backward pass."""
+    from .errors import SlimtuneError
+    from .train.activation_checkpointing import enable_checkpointing
+
+    if method.checkpointing_conflict:
+        return {"checkpointed_note": method.checkpointing_conflict}
+    try:
+        enable_checkpointing(model, True, context_fn=lambda: (contextlib.nullcontext(), _CpuAttention()))
+    except SlimtuneError as e:
+        return {"checkpointed_note": str(e)}
+    batch = dummy_batch(task, batch_size, seq_len)
+    if not task_spec(task).has_head:
+        # training with checkpointing runs without a cache, and then a decoder checks the position ids for packed
+        # sequences, which needs data (meta tensors have none); an empty cache skips that check, and the
+        # checkpointed blocks drop it, so it holds nothing
+        from transformers import DynamicCache
+
+        batch["past_key_values"] = DynamicCache()
+    try:
+        step = step_bytes(model, batch)
+    except Exception as e:  # a model whose checkpointed forward cannot run on meta tensors
+        return {"checkpointed_note": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"}
+    return {"checkpointed_activation_bytes": step["saved"], "checkpointed_step_peak_bytes": step["peak"],
+            "checkpointed_train_memory_bytes": row["weights_bytes"] + row["optimizer_bytes"] + step["peak"]}
 
 
 @contextlib.contextmanager
@@ -297,17 +356,21 @@ def print_report(r: dict, console) -> None:
     t = Table(title=f"methods at default options (MB for batch {r['batch_size']} x {r['seq_len']} tokens)",
               show_edge=False)
     t.add_column("method", no_wrap=True)
-    for c in ("trainable", "share", "train", "saved", "adapter", "merge"):
+    for c in ("trainable", "share", "train", "ckpt", "saved", "adapter", "merge"):
         t.add_column(c, justify="right", no_wrap=True)
     for row in r["methods"]:
         if "error" in row:
-            t.add_row(row["method"], "-", "-", "-", "-", "-", "n/a")
+            t.add_row(row["method"], "-", "-", "-", "-", "-", "-", "n/a")
             continue
         t.add_row(row["method"], f"{row['trainable_params']:,}", f"{row['share']:.2%}", _mb(row["train_memory_bytes"]),
-                  _mb(row.get("activation_bytes")), _mb(row["adapter_bytes"]), "yes" if row["mergeable"] else "no")
+                  _mb(row.get("checkpointed_train_memory_bytes")), _mb(row.get("activation_bytes")),
+                  _mb(row["adapter_bytes"]), "yes" if row["mergeable"] else "no")
     console.print(t)
     for row in r["methods"]:
         if "error" in row or "note" in row:
             console.print(f"[yellow]{row['method']}[/]: {row.get('error') or row['note']}")
-    console.print(f"[dim]train: {r['estimate']}; saved: the activations autograd keeps for backward; eva is counted "
-                  "at LoRA's rank budget before its data-driven redistribution[/]")
+        elif "checkpointed_note" in row:
+            console.print(f"[yellow]{row['method']}[/] (ckpt): {row['checkpointed_note']}")
+    console.print(f"[dim]train: {r['estimate']}; ckpt: the same with train.gradient_checkpointing: true; saved: "
+                  "the activations autograd keeps for backward; eva is counted at LoRA's rank budget before its "
+                  "data-driven redistribution[/]")

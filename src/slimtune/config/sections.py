@@ -138,6 +138,10 @@ class TrainConfig(StrictModel):
         "epoch", description="causal LM: divide a batch's summed token loss by the mean number of scored tokens per "
         "batch over the epoch ('epoch': every token weighs the same whatever batch it lands in, which length-grouped "
         "batches need) or by its own count ('batch': the per-batch mean most trainers use)")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False, description="recompute the transformer blocks' activations in the backward pass instead of keeping "
+        "them (less memory, slower steps; measurements: benchmarks/RESULTS.md); 'offload': also keep each block's "
+        "input in host memory (CUDA only)")
     log_every: int = Field(10, ge=1, description="log training loss / lr / throughput every N optimizer steps")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig,
                                                 description="stop when eval.monitor stops improving")

@@ -77,11 +77,17 @@ def apply_ptuning(model, cfg: PTuningConfig, ctx):
                             encoder_hidden_size=cfg.encoder_hidden_size), ctx)
 
 
+# measured: transformers drops the cache in a checkpointed block, so the forward fails on the prefix's mask
+PREFIX_CHECKPOINTING = ("its prefixes reach every block as a key/value cache, which transformers drops in "
+                        "checkpointed blocks; use prompt-tuning or p-tuning (virtual tokens at the input) or a "
+                        "LoRA-family method")
+
+
 METHODS = [
     Method("prompt-tuning", PromptTuningConfig, apply_prompt, mergeable=False, default_lr=3e-2,
            summary="trained soft prompt at the input"),
     Method("prefix-tuning", PrefixTuningConfig, apply_prefix, mergeable=False, default_lr=1e-2,
-           summary="trained key/value prefixes (decoders)"),
+           summary="trained key/value prefixes (decoders)", checkpointing_conflict=PREFIX_CHECKPOINTING),
     Method("p-tuning", PTuningConfig, apply_ptuning, mergeable=False, default_lr=1e-2,
            summary="virtual tokens from a prompt encoder"),
 ]

@@ -17,6 +17,7 @@ from ..tasks.base import Task
 from ..track import atomic
 from ..track.rundir import git_hash, hardware, versions
 from ..train import checkpoint
+from ..train.activation_checkpointing import check_checkpointing, enable_checkpointing
 from ..train.callbacks import EarlyStopping, MethodStep
 from ..train.groups import Groups, split_groups
 from ..train.loop import Loop, LoopData, interrupts_deferred
@@ -53,6 +54,7 @@ class BuiltModel:
 def build_model(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches) -> BuiltModel:
     cfg, accelerator = setup.cfg, setup.accelerator
     train = inputs.features["train"]
+    check_checkpointing(cfg.train.gradient_checkpointing, get_method(cfg.method.name), accelerator.device)
 
     def sample_batches():  # for data-driven initialisations (EVA); numpy-seeded, leaves torch's RNG alone
         for idx in batches.sampler.global_batches():
@@ -63,6 +65,7 @@ def build_model(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batche
         from ..train.dropout import use_fast_dropout
 
         use_fast_dropout(model)
+    enable_checkpointing(model, cfg.train.gradient_checkpointing)  # before DDP wraps it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
