@@ -166,7 +166,7 @@ def test_compare_and_sweep_pages_escape_everything(hostile, tmp_path):
 
 
 def test_escape_helpers_keep_built_markup_and_escape_the_rest():
-    from slimtune.report.html import Html, esc, h, table
+    from slimtune.report.markup import Html, esc, h, table
 
     assert esc(IMG) == "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;"
     assert esc(Html("<b>")) == "<b>"

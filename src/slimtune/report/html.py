@@ -2,7 +2,6 @@
 scripts, no network), for one run or for a comparison of runs."""
 from __future__ import annotations
 
-import html
 import math
 from datetime import datetime
 
@@ -10,6 +9,8 @@ import yaml
 
 from ..track.runinfo import RunInfo, flat
 from . import plots
+from .figures import task_figures
+from .markup import Html, figure, h, join, kv_table, section, table
 
 CSS = """
 *{box-sizing:border-box}
@@ -38,36 +39,6 @@ pre{background:#f6f8fa;padding:10px 12px;overflow:auto;font-size:12px;border-rad
 footer{font-size:12px;color:#57606a;text-align:center;padding:12px}
 """
 STATUS_CLASS = {"completed": "ok", "failed": "bad", "dead": "bad", "missing": "bad", "damaged": "bad"}
-
-
-class Html(str):
-    """Markup this module built. It is the only text that goes into a page as it is: everything else
-    (names, metrics, labels, config values, warnings from a run folder, which may come from anywhere)
-    is escaped on the way in, by `esc` and by `h`, so no value can open a tag or an attribute."""
-
-    __slots__ = ()
-
-    def __add__(self, other) -> "Html":  # Html + data: the data is escaped, the result stays Html
-        return Html(str.__add__(self, esc(other)))
-
-    def __radd__(self, other) -> "Html":
-        return Html(str.__add__(esc(other), self))
-
-
-def esc(x) -> Html:
-    """Html stays as it is; anything else becomes its escaped text (quotes too: safe in attributes)."""
-    if isinstance(x, Html):
-        return x
-    return Html(html.escape("" if x is None else str(x), quote=True))
-
-
-def h(template: str, *args, **kwargs) -> Html:
-    """`template` (markup written here, never data) with every argument escaped unless it is Html."""
-    return Html(template.format(*(esc(a) for a in args), **{k: esc(v) for k, v in kwargs.items()}))
-
-
-def join(parts) -> Html:
-    return Html("".join(esc(p) for p in parts))
 
 
 def fmt(v, unit: str = "") -> str:
@@ -101,38 +72,6 @@ def duration(s) -> str:
 
 def status_html(status: str | None) -> Html:
     return h('<span class="{}">{}</span>', STATUS_CLASS.get(status, "mid"), status)
-
-
-def table(headers: list, rows: list[list], numeric: set[int] | None = None, row_class: list[str] | None = None) -> Html:
-    """Cells are escaped unless they are Html."""
-    numeric = numeric or set()
-    out = [Html('<div class="scroll"><table><thead><tr>'), *(h("<th>{}</th>", c) for c in headers),
-           Html("</tr></thead><tbody>")]
-    for i, row in enumerate(rows):
-        cls = row_class[i] if row_class else ""
-        out.append(h('<tr class="{}">', cls) if cls else Html("<tr>"))
-        out += [h('<td class="num">{}</td>' if j in numeric else "<td>{}</td>", cell) for j, cell in enumerate(row)]
-        out.append(Html("</tr>"))
-    out.append(Html("</tbody></table></div>"))
-    return join(out)
-
-
-def kv_table(pairs: list[tuple[str, object]]) -> Html:
-    rows = join(h("<tr><th>{}</th><td>{}</td></tr>", k, v) for k, v in pairs)
-    return h('<div class="scroll"><table><tbody>{}</tbody></table></div>', rows)
-
-
-def figure(uri: str | None, caption: str, alt: str, wide: bool = False) -> Html:
-    if not uri:
-        return Html("")
-    return h('<figure{}><img src="{}" alt="{}"><figcaption>{}</figcaption></figure>',
-             Html(' class="wide"') if wide else Html(""), uri, alt, caption)
-
-
-def section(title: str, body, anchor: str | None = None) -> Html:
-    if not body:
-        return Html("")
-    return h("<section{}><h2>{}</h2>{}</section>", h(' id="{}"', anchor) if anchor else Html(""), title, body)
 
 
 def page(title: str, subtitle, body) -> str:
@@ -242,6 +181,7 @@ def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = Non
 
     curves = _run_curves(recs, fmt_img)
     cm = _confusion_figures(info.confusion, fmt_img)
+    details = task_figures(info.figures, fmt_img)
     cost = info.cost
     params = figure(plots.param_share(s.get("trainable_params"), s.get("total_params"), fmt_img),
                     "parameters the method trains (adapters and head) vs frozen base weights",
@@ -256,6 +196,7 @@ def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = Non
         section("Curves", h('<div class="grid">{}</div>', curves) if curves
                 else Html('<p class="note">no metrics logged yet</p>')),
         section("Confusion matrix", h('<div class="grid">{}</div>', cm) if cm else ""),
+        section("Evaluation details", h('<div class="grid">{}</div>', details) if details else ""),
         section("Trainable parameters", params),
         section("Cost and energy",
                 h('<div class="grid"><div>{}</div>{}</div>', kv_table(cost_rows(cost, s)), energy_fig)),

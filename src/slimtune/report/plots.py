@@ -262,3 +262,26 @@ def pareto(runs: list[dict], quality: str, higher_better: bool, fmt: str = "svg"
         ax.set_title(_t(f"{quality} vs {label.split(' (')[0]}"))
         ax.margins(0.15)
     return to_data_uri(fig, fmt)
+
+
+def scatter(x: list, y: list, title: str, x_label: str, y_label: str, fmt: str = "svg",
+            max_points: int = 5000) -> str | None:
+    """y against x (a regression's predictions against the truth) with the y = x line; at most max_points,
+    an even stride through the list, so a large eval split stays a small page."""
+    pts = [(a, b) for a, b in zip(x, y) if isinstance(a, (int, float)) and isinstance(b, (int, float))
+           and not isinstance(a, bool) and not isinstance(b, bool) and math.isfinite(a) and math.isfinite(b)]
+    if not pts:
+        return None
+    stride = max(1, math.ceil(len(pts) / max_points))
+    shown = pts[::stride]
+    fig, (ax,) = _fig(w=4.6, h=4.2)
+    ax.scatter([p[0] for p in shown], [p[1] for p in shown], s=8, alpha=0.5, color=PALETTE[0], linewidths=0)
+    lo = min(min(p) for p in shown)
+    hi = max(max(p) for p in shown)
+    ax.plot([lo, hi], [lo, hi], color="#7f7f7f", linewidth=1, linestyle="--", label="y = x")
+    ax.set_xlabel(_t(x_label))
+    ax.set_ylabel(_t(y_label))
+    note = f" ({len(shown)} of {len(pts)} shown)" if stride > 1 else ""
+    ax.set_title(_t(title + note), fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    return to_data_uri(fig, fmt)

@@ -110,6 +110,13 @@ class Task:
         """counts[true][predicted] for the run report; None where the task has no classes."""
         return None
 
+    def eval_figures(self, parts: dict[str, torch.Tensor], meta: dict) -> list[dict] | None:
+        """Task-specific figures of one evaluation for the run report (JSON-able; `meta` is the run's meta.json).
+        Each is {"kind": "table", "title", "columns": [...], "rows": [[...], ...]} or {"kind": "scatter", "title",
+        "x": [...], "y": [...], "x_label", "y_label"}; the report renders both kinds, so a task adds figures
+        without touching report/. None: none."""
+        return None
+
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[str], meta: dict, **kwargs) -> list[dict]:
         """Predictions for raw inputs (texts, prompts, image paths), with the run's meta (labels, format)."""
         raise NotImplementedError

@@ -62,6 +62,7 @@ class RunInfo:
     summary: dict
     metrics: list[dict] = field(default_factory=list)   # metrics.jsonl records
     confusion: dict | None = None                        # confusion_matrix.json
+    figures: dict | None = None                          # eval_figures.json (the task's tables / scatter plots)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -183,6 +184,8 @@ def read_run(path: str | Path, records: bool = False) -> RunInfo:
         info.metrics = read_metrics(path / "metrics.jsonl")
         if (path / "confusion_matrix.json").is_file():
             info.confusion = _read_json(path / "confusion_matrix.json")
+        if (path / "eval_figures.json").is_file():
+            info.figures = _read_json(path / "eval_figures.json")
         if (path / "meta.json").is_file():
             info.meta = _read_json(path / "meta.json")
     return info

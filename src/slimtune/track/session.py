@@ -84,6 +84,7 @@ class RunTracking:
         self.clock = CostClock(accelerator.num_processes if accelerator.device.type == "cuda" else 0)
         self.sinks: list = []
         self.confusion: dict = {}
+        self.figures: dict = {}  # eval_figures.json
         self.base: dict = {}
         self.final: dict | None = None  # the summary end() wrote
         for on, mod, key in ((self.t.mlflow, "mlflow", "mlflow"), (self.t.tensorboard, "tensorboard", "tensorboard")):
@@ -154,20 +155,39 @@ class RunTracking:
         self._confusion("test", loop)
 
     def _confusion(self, split: str, loop: Loop) -> None:
-        matrix = loop.task.confusion_matrix(loop.last_parts, loop.num_labels) if loop.last_parts else None
-        if matrix is None or not self.main:
+        """confusion_matrix.json and eval_figures.json from the last evaluation's per-example outputs."""
+        if not (self.main and loop.last_parts):
             return
-        labels = (self.files.read_json("meta.json") if (self.files.path / "meta.json").is_file() else {}).get("labels")
-        if not self.confusion and (self.files.path / "confusion_matrix.json").is_file():
-            try:  # a resumed run keeps the eval matrix of its best step
-                self.confusion = self.files.read_json("confusion_matrix.json")
-            except ValueError:
-                pass
-        self.confusion["labels"] = labels
+        matrix = loop.task.confusion_matrix(loop.last_parts, loop.num_labels)
+        meta = self._meta()
+        figures = loop.task.eval_figures(loop.last_parts, meta)
         step = loop.state.best_step if split == "test" else loop.state.step  # test: the best checkpoint
-        self.confusion[split] = {"step": step, "matrix": matrix,
-                                 "rows": "true label", "columns": "predicted label"}
-        self.files.write_json("confusion_matrix.json", self.confusion)
+        if matrix is not None:
+            self.confusion = self._kept("confusion_matrix.json", self.confusion)
+            self.confusion["labels"] = meta.get("labels")
+            self.confusion[split] = {"step": step, "matrix": matrix,
+                                     "rows": "true label", "columns": "predicted label"}
+            self.files.write_json("confusion_matrix.json", self.confusion)
+        if figures:
+            self.figures = self._kept("eval_figures.json", self.figures)
+            self.figures[split] = {"step": step, "figures": figures}
+            self.files.write_json("eval_figures.json", self.figures)
+
+    def _meta(self) -> dict:
+        try:
+            return self.files.read_json("meta.json") if (self.files.path / "meta.json").is_file() else {}
+        except ValueError:
+            return {}
+
+    def _kept(self, name: str, held: dict) -> dict:
+        """What this session holds, else the file's blocks: a resumed run keeps the eval block of its best step."""
+        if held or not (self.files.path / name).is_file():
+            return held
+        try:
+            kept = self.files.read_json(name)
+        except ValueError:
+            return held
+        return kept if isinstance(kept, dict) else held
 
     # -- end -----------------------------------------------------------------------
     def end(self, summary: dict, loop: Loop | None = None) -> dict:
