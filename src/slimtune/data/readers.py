@@ -1,7 +1,7 @@
 """Read a data source into a `datasets.Dataset`, with errors that name the file.
 
-Sources: .csv / .tsv / .jsonl / .json / .parquet / .txt files, a folder written
-by `Dataset.save_to_disk`, `hf:<name>[:<split>]` for a Hub dataset, and
+Sources: .csv / .tsv / .jsonl / .json / .parquet / .txt files, CoNLL-style .conll / .iob / .bio files
+(data/conll.py), a folder written by `Dataset.save_to_disk`, `hf:<name>[:<split>]` for a Hub dataset, and
 `builtin:<name>` for real datasets that a pip package ships (offline demos).
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 from datasets import Dataset
 
 from ..errors import DataError
+from .conll import CONLL_SUFFIXES, parse_conll
 
-SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt") + CONLL_SUFFIXES
 
 
 def _read_text(path: Path) -> str:
@@ -116,6 +117,14 @@ def _read_txt(path: Path) -> Dataset:
     return Dataset.from_dict({"text": docs})
 
 
+def read_conll(source: str | Path, token_column: int = 0, tag_column: int = -1) -> Dataset:
+    """A CoNLL-style file whatever its extension (a .txt one too), as data/conll.py reads it."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"{source}: file not found (working directory: {Path.cwd()})")
+    return parse_conll(_read_text(path), source, token_column, tag_column)
+
+
 def _read_parquet(path: Path) -> Dataset:
     try:
         return Dataset.from_parquet(str(path))
@@ -157,6 +166,7 @@ def read_source(source: str) -> Dataset:
         ".json": _read_jsonl,
         ".parquet": _read_parquet,
         ".txt": _read_txt,
+        **{suffix: read_conll for suffix in CONLL_SUFFIXES},
     }
     if suffix not in readers:
         raise DataError(f"{source}: unsupported file type {suffix!r}; accepted: {', '.join(SUFFIXES)}, a saved "
