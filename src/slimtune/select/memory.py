@@ -1,0 +1,55 @@
+"""Which candidates fit in select.memory: `slimtune inspect`'s estimate of the training memory (built on the meta
+device from the model's config: no weights are loaded), at the config's train.batch_size x model.max_length,
+with train.gradient_checkpointing's checkpointed figure when it is on. The estimate is at the method's default
+options (inspect's table), so a config's own larger rank costs a little more than it says."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..config import RunConfig
+from ..errors import SlimtuneError
+from .plan import Candidate
+
+Log = Callable[[str], Any]
+
+
+def _mb(value: int) -> str:
+    return f"{value / 2**20:,.1f} MB"
+
+
+def estimates(cfg: RunConfig, candidates: list[Candidate], num_labels: int) -> dict[str, dict[str, Any]]:
+    """Per candidate label: {"bytes": estimated training memory or None, "note": why there is none}."""
+    from ..inspect import inspect_model
+
+    out: dict[str, dict[str, Any]] = {}
+    for model in dict.fromkeys(c.model for c in candidates):
+        methods = [c.method for c in candidates if c.model == model]
+        try:
+            report = inspect_model(model, task=cfg.task, batch_size=cfg.train.batch_size,
+                                   seq_len=cfg.model.max_length, num_labels=max(2, num_labels), methods=methods,
+                                   trust_remote_code=cfg.model.trust_remote_code)
+            rows = {row["method"]: row for row in report["methods"]}
+        except Exception as e:  # a model inspect cannot build on meta (an image task, custom code): the estimate is
+            # advice, so the candidate races without one and the summary says why
+            kind = "" if isinstance(e, SlimtuneError) else f"{type(e).__name__}: "
+            rows = {m: {"method": m, "error": kind + (str(e).splitlines() or [""])[0][:200]} for m in methods}
+        for method in methods:
+            out[Candidate(model, method).label] = _estimate(rows[method], cfg.train.gradient_checkpointing)
+    return out
+
+
+def _estimate(row: dict[str, Any], checkpointing: object) -> dict[str, Any]:
+    if "error" in row:
+        return {"bytes": None, "note": f"no estimate: {row['error']}"}
+    if checkpointing and row.get("checkpointed_train_memory_bytes") is not None:
+        return {"bytes": row["checkpointed_train_memory_bytes"], "note": "with gradient checkpointing"}
+    return {"bytes": row["train_memory_bytes"], "note": row.get("note")}
+
+
+def too_big(estimate: dict[str, Any], limit: int | None, memory: str | None) -> str | None:
+    """The reason a candidate is dropped, or None when it fits (or has no estimate to judge by)."""
+    if limit is None or estimate.get("bytes") is None or estimate["bytes"] <= limit:
+        return None
+    return (f"estimated training memory {_mb(estimate['bytes'])} exceeds --memory {memory} ({_mb(limit)}) "
+            f"(slimtune inspect's estimate)")
