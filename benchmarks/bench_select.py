@@ -1,0 +1,118 @@
+"""bench_select: `slimtune select`'s pick vs. the best of full runs of every candidate, and what each costs.
+
+Data: ../shared/datasets/sst2 (the first N train rows, the first 300 dev rows as the eval split, the test split).
+Candidates: all-MiniLM-L6-v2 (the packaged offline copy) x lora, ia3, bitfit, head-only by default (--methods),
+plus any --models. Every candidate is first run in full (all the data, the config's epochs); then `select` races
+the same candidates (eta 3, min_fraction 1/9) in a fresh folder. Reported: the pick, its full run's test
+accuracy against the best full run's (points), and select's training seconds over the full runs' (the target:
+within 0.5 points at <= 35% of the compute).
+
+    flock /tmp/slimtune-bench.lock python benchmarks/bench_select.py [--quick] \
+        [--out benchmarks/results/bench_select.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import machine, versions, write_subset  # noqa: E402
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def base_config(files: dict, out: str, epochs: float, batch: int) -> dict:
+    return {
+        "task": "text-classification",
+        "model": {"name": MINILM, "max_length": 64},
+        "data": {"train": files["train"], "eval": files["dev"], "test": files["test"], "text_column": "sentence",
+                 "label_column": "label"},
+        "method": {"name": "lora", "r": 8, "alpha": 16.0, "dropout": 0.05},
+        "train": {"epochs": epochs, "batch_size": batch, "seed": 42, "log_every": 50},
+        "eval": {"every_epochs": 0.5, "metrics": ["accuracy"]},
+        "output": {"dir": out, "save_checkpoints": False},
+        "track": {"energy": False, "index": False},
+    }
+
+
+def full_runs(cfg: dict, models: list[str], methods: list[str]) -> list[dict]:
+    from slimtune.runner import run
+
+    rows = []
+    for model in models:
+        for method in methods:
+            data = json.loads(json.dumps(cfg))
+            data["model"]["name"] = model
+            data["method"] = {"name": method} if method != cfg["method"]["name"] else cfg["method"]
+            data["output"]["name"] = f"full-{Path(model).name}-{method}"
+            result = run(data)
+            s = result.summary
+            rows.append({"label": f"{model} + {method}", "dev_accuracy": (s.get("best") or {}).get("accuracy"),
+                         "test_accuracy": (result.test_metrics or {}).get("accuracy"),
+                         "train_seconds": (s.get("cost") or {}).get("train_seconds") or s.get("train_seconds")})
+            print(f"  full {rows[-1]}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 640 train rows, 1 epoch")
+    ap.add_argument("--models", default=MINILM, help="comma-separated candidate models")
+    ap.add_argument("--methods", default="lora,ia3,bitfit,head-only")
+    ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS",
+                                                         str(ROOT.parent / "shared" / "datasets")))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    sst2 = Path(args.datasets) / "sst2"
+    if not (sst2 / "train.tsv").is_file():
+        print(f"SKIP: {sst2} not found (set --datasets)")
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    n_train, epochs = (640, 1.0) if args.quick else (2000, 2.0)
+    models, methods = args.models.split(","), args.methods.split(",")
+    tmp = tempfile.mkdtemp(prefix="slimtune-bench-select-")
+    files = {k: str(Path(tmp) / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}
+    n_train = write_subset(sst2 / "train.tsv", Path(files["train"]), n_train)
+    write_subset(sst2 / "dev.tsv", Path(files["dev"]), 300)
+    write_subset(sst2 / "test.tsv", Path(files["test"]), None)
+    cfg = base_config(files, str(Path(tmp) / "runs"), epochs, 32)
+    print(f"machine: {machine()}\nversions: {versions()}\ntrain rows {n_train}, epochs {epochs}", flush=True)
+    t0 = time.perf_counter()
+    full = full_runs(cfg, models, methods)
+    full_wall = time.perf_counter() - t0
+
+    from slimtune.select import select
+
+    t0 = time.perf_counter()
+    picked = select(cfg, models=models, methods=methods, eta=3, min_fraction=1 / 9, name="select",
+                    log=lambda s: print(s, flush=True))
+    select_wall = time.perf_counter() - t0
+    best = max(full, key=lambda r: r["test_accuracy"] or 0.0)
+    mine = next(r for r in full if r["label"] == picked.pick.label)
+    full_train = sum(r["train_seconds"] or 0.0 for r in full)
+    select_train = picked.summary["trial_train_seconds"]
+    out = {"machine": machine(), "versions": versions(), "n_train": n_train, "epochs": epochs, "full": full,
+           "pick": picked.pick.label, "rule": picked.rule, "best_full": best["label"],
+           "pick_test_accuracy": mine["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
+           "delta_points": 100 * (mine["test_accuracy"] - best["test_accuracy"]),
+           "compute_ratio_train_seconds": select_train / full_train, "full_wall_s": full_wall,
+           "select_wall_s": select_wall, "select_summary": picked.summary}
+    out["target_met"] = out["delta_points"] >= -0.5 and out["compute_ratio_train_seconds"] <= 0.35
+    print(json.dumps({k: v for k, v in out.items() if k not in ("select_summary", "machine", "versions")}, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
