@@ -102,19 +102,25 @@ def predict(run_dir: str | Path, inputs: list[str], trust_run_code: bool = False
     return loaded.task.predict(loaded.model, loaded.tokenizer, list(inputs), loaded.meta, **kwargs)
 
 
-def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False) -> Path:
-    """Write the base model with the run's adapter folded into its weights (a plain transformers model)."""
+def load_merged(run_dir: str | Path, trust_run_code: bool = False) -> tuple[LoadedRun, torch.nn.Module]:
+    """The run loaded on the CPU as a merge needs it (QLoRA: its base in 16-bit) and the model with the adapter
+    folded into its weights; `slimtune merge` and `slimtune export` write the same merged weights."""
     from .methods import merge as merge_adapter
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise OutputExists(f"{out_dir}: exists and is not empty; choose a new folder")
     loaded = load_run(run_dir, device="cpu", trust_run_code=trust_run_code, for_merge=True)
     if get_method(loaded.cfg.method.name).merge_load_kwargs:
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         print(f"[merge] {loaded.cfg.method.name}: the adapter is merged into the base loaded in {dtype}, not into its "
               "quantized weights (merging into 4-bit weights degrades generations)", file=sys.stderr)
-    merged = merge_adapter(loaded.model, Path(run_dir) / "adapter")
+    return loaded, merge_adapter(loaded.model, Path(run_dir) / "adapter")
+
+
+def merge(run_dir: str | Path, out_dir: str | Path, trust_run_code: bool = False) -> Path:
+    """Write the base model with the run's adapter folded into its weights (a plain transformers model)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise OutputExists(f"{out_dir}: exists and is not empty; choose a new folder")
+    loaded, merged = load_merged(run_dir, trust_run_code)
     with atomic.folder(out_dir) as tmp:
         if hasattr(merged, "save_pretrained"):
             merged.save_pretrained(str(tmp))
