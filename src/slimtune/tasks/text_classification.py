@@ -73,13 +73,16 @@ class TextClassification(Classification):
     def load_model(self, cfg: RunConfig, source: ModelSource, splits: Splits, **load_kwargs) -> LoadedModel:
         from transformers import AutoModelForSequenceClassification
 
-        from ..models import load_pretrained
+        from ..models import load_pretrained, load_tokenizer
 
         labels = splits.meta["labels"]
+        # a decoder's *ForSequenceClassification pools each row's last token that is not config.pad_token_id: it
+        # must be the pad the batches hold (load_tokenizer's, distinct from EOS), not the checkpoint's (often EOS)
+        pad = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision).pad_token_id
         model, new_modules = load_pretrained(
             AutoModelForSequenceClassification, source, cfg.model.trust_remote_code, cfg.model.revision,
             num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-            **load_kwargs,
+            **({"pad_token_id": pad} if pad is not None else {}), **load_kwargs,
         )
         # the head is whatever from_pretrained had to initialise (classifier / score), trained in full; a
         # classifier checkpoint's own head is not new (no fast-head default lr)
