@@ -355,7 +355,9 @@ def test_schema_prints_json_schema(runner):
         return schema["$defs"][ref.split("/")[-1]]
 
     # the facts the README's config reference states, with their help text
-    assert set(schema["properties"]["task"]["enum"]) == {"text-classification", "causal-lm", "image-classification"}
+    assert set(schema["properties"]["task"]["enum"]) == {"text-classification", "causal-lm", "image-classification",
+                                                        "regression", "multi-label-classification",
+                                                        "token-classification"}
     train = section(schema["properties"]["train"])
     assert train["additionalProperties"] is False
     defaults = {k: train["properties"][k].get("default") for k in

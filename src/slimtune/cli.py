@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .cli_common import exit_on_user_error, fail, out, say_error, trust_option
+from .cli_export import export_cmd
 from .cli_report import report_cmd
 from .cli_runs import runs_app
+from .cli_select import select_cmd
 from .cli_sweep import lr_find_cmd, sweep_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -61,9 +65,13 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
             image: Optional[List[Path]] = typer.Option(None, "--image",
                                                        help="image-classification: an image file (repeatable)"),
             max_new_tokens: int = typer.Option(64, help="causal-lm: tokens to generate"),
+            system: Optional[str] = typer.Option(None, "--system", help="causal-lm chat runs: the system prompt"),
+            messages: Optional[Path] = typer.Option(None, "--messages", help="causal-lm chat runs: a JSONL file, one "
+                                                    "conversation per line ({\"messages\": [...]}) ending with "
+                                                    "the user turn to reply to"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
             trust_run_code: bool = trust_option()):
-    """Labels + probabilities (classification) or generated text (causal-lm)."""
+    """Labels + probabilities (classification), values per target (regression) or generated text (causal-lm)."""
     from . import api
     from .data.readers import read_lines
 
@@ -72,10 +80,18 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
         with exit_on_user_error():
             inputs += read_lines(file)  # not found / not UTF-8 / empty: an error naming the file
     inputs += [str(p) for p in image or []]
-    if not inputs:
-        fail("give --text TEXT (repeatable), --file FILE or --image PATH")
+    chat = {}
+    if system is not None:
+        chat["system"] = system
+    if messages is not None:
+        from .data.chat_formats import read_conversations
+
+        with exit_on_user_error():
+            chat["conversations"] = read_conversations(str(messages))
+    if not inputs and not chat.get("conversations"):
+        fail("give --text TEXT (repeatable), --file FILE, --messages FILE or --image PATH")
     with exit_on_user_error():
-        results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens, trust_run_code=trust_run_code)
+        results = api.predict(run_dir, inputs, max_new_tokens=max_new_tokens, trust_run_code=trust_run_code, **chat)
     if as_json:
         for r in results:
             print(json.dumps(r))
@@ -84,12 +100,29 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     if "label" in results[0]:
         table.add_column("text"), table.add_column("label"), table.add_column("score", justify="right")
         for r in results:
-            table.add_row(r.get("text", r.get("image")), r["label"], f"{r['score']:.3f}")
+            table.add_row(*_plain(r.get("text", r.get("image")), r["label"], f"{r['score']:.3f}"))
+    elif "entities" in results[0]:  # tagged words: each entity as type, text and character span
+        table.add_column("text"), table.add_column("entities")
+        for r in results:
+            table.add_row(*_plain(r["text"], "; ".join(f"{e['type']}: {e['text']} [{e['start']}:{e['end']}]"
+                                               for e in r["entities"]) or "-"))
+    elif "predictions" in results[0]:  # values named by target (regression)
+        names = list(results[0]["predictions"])
+        table.add_column("text")
+        for n in names:
+            table.add_column(n, justify="right")
+        for r in results:
+            table.add_row(*_plain(r["text"], *(f"{r['predictions'][n]:.4g}" for n in names)))
     else:
         table.add_column("prompt"), table.add_column("generated")
         for r in results:
-            table.add_row(r["prompt"], r["generated"])
+            table.add_row(*_plain(r["prompt"], r["generated"]))
     out.print(table)
+
+
+def _plain(*cells) -> list[Text]:
+    """Table cells as text, never markup: they quote the user's inputs and the model's outputs."""
+    return [Text(str(c)) for c in cells]
 
 
 @app.command()
@@ -134,8 +167,10 @@ def validate(config: Path = typer.Argument(...), overrides: Optional[List[str]] 
     out.print(f"model ok: {v.model}", markup=False, highlight=False)
     tested = f" test={len(splits.test)}" if splits.test is not None else ""
     out.print(f"data ok: train={len(splits.train)} eval={len(splits.eval)}{tested}")
+    for line in v.preview:  # data from the user's files: printed as text, never as markup
+        out.print(line, markup=False, highlight=False)
     for w in v.warnings:
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)  # a warning quotes the user's data
 
 
 @app.command()
@@ -148,8 +183,10 @@ def schema():
 
 app.command("sweep")(sweep_cmd)  # tuning strategy: sweep/
 app.command("lr-find")(lr_find_cmd)
+app.command("select")(select_cmd)  # model and method selection: select/
 app.add_typer(runs_app, name="runs")  # iterate: the run index and reports, track/ + report/
 app.command("report")(report_cmd)
+app.command("export")(export_cmd)  # a language model for serving: merged / GGUF / Ollama
 
 
 def main(argv: list[str] | None = None) -> None:

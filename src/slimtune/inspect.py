@@ -195,7 +195,8 @@ def dummy_batch(task: str, batch_size: int, seq_len: int, device: str = "meta", 
     batch = {"input_ids": ids}  # no mask: all tokens real, and a mask would be inspected with .all() (data-dependent)
     # a head predicts one class per example; a language model each next token
     if task_spec(task).has_head:
-        batch["labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        shape = (batch_size, seq_len) if task_spec(task).labels_per_token else (batch_size,)
+        batch["labels"] = torch.zeros(shape, dtype=torch.long, device=device)
     else:
         batch["labels"] = ids.clone()
     return batch

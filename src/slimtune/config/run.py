@@ -16,6 +16,7 @@ from ..tasks import TASKS as TASK_SPECS
 from ..tasks import task_spec
 from ..track.config import TrackConfig
 from .sections import DataConfig, EvalConfig, ImageConfig, ModelConfig, OutputConfig, TrainConfig
+from .select import SelectConfig
 from .sweep import SweepConfig
 
 TASKS = tuple(TASK_SPECS)
@@ -34,6 +35,8 @@ class RunConfig(StrictModel):
     track: TrackConfig = Field(default_factory=TrackConfig, description="run index, energy / CO2, MLflow / TensorBoard")
     sweep: SweepConfig | None = Field(None, description="hyperparameter search space and budget for `slimtune sweep` "
                                       "(ignored by `slimtune run`)")
+    select: SelectConfig | None = Field(None, description="candidate models and methods and the budget for "
+                                        "`slimtune select` (ignored by `slimtune run`)")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -66,11 +69,22 @@ class RunConfig(StrictModel):
         named = [("eval.metrics", m) for m in self.eval.metrics or []] + [("eval.monitor", self.eval.monitor)]
         if self.sweep is not None:
             named += [(f"sweep.{key}", getattr(self.sweep, key)) for key in ("prune_on", "prune_tiebreak")]
-        known = task_spec(self.task).metrics
+        known = monitorable = task_spec(self.task).metrics
+        gen = self.eval.generate
+        if gen is not None:
+            if not task_spec(self.task).generates:
+                raise ValueError(f"eval.generate: task {self.task!r} does not generate text; it is for tasks "
+                                 f"{', '.join(n for n, s in TASK_SPECS.items() if s.generates)}")
+            monitored = [f"gen_{m}" for m in gen.metrics]
+            if self.eval.monitor in monitored and gen.every != "eval":
+                raise ValueError(f"eval.monitor: {self.eval.monitor!r} is computed only at the end with "
+                                 "eval.generate.every: end; set eval.generate.every: eval to monitor it")
+            if gen.every == "eval":
+                monitorable = monitorable + tuple(monitored)
         for key, metric in named:
-            if metric is not None and metric not in known:
-                raise ValueError(f"{key}: {metric!r} is not a metric of task {self.task!r}; "
-                                 f"accepted: {', '.join(known)}")
+            if metric is not None and metric not in (monitorable if key == "eval.monitor" else known):
+                raise ValueError(f"{key}: {metric!r} is not a metric of task {self.task!r}; accepted: "
+                                 f"{', '.join(monitorable if key == 'eval.monitor' else known)}")
         return self
 
     @model_validator(mode="after")
@@ -85,6 +99,23 @@ class RunConfig(StrictModel):
         if self.train.seq_len_schedule:
             raise ValueError("data.packing and train.seq_len_schedule: packed rows are up to model.max_length long "
                              "from the first step; use one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _check_task_keys(self) -> RunConfig:
+        """train.loss, train.huber_delta and data.target_columns only where the task reads them."""
+        spec, loss = task_spec(self.task), self.train.loss
+        if loss != "auto" and loss not in spec.losses:
+            takers = [name for name, s in TASK_SPECS.items() if loss in s.losses]
+            raise ValueError(f"train.loss: {loss!r} is not accepted for task {self.task!r} (accepted: "
+                             f"{', '.join(('auto', *spec.losses))}); it is a loss of task {', '.join(takers)}")
+        # a value other than the default: a run folder's config.yaml holds every key, the default one too
+        if self.train.huber_delta != type(self.train).model_fields["huber_delta"].default and loss != "huber":
+            raise ValueError(f"train.huber_delta is set but train.loss is {loss!r}; set train.loss: huber or drop it")
+        if self.data.target_columns and not spec.target_columns:
+            takers = [name for name, s in TASK_SPECS.items() if s.target_columns]
+            raise ValueError(f"data.target_columns is read by task {', '.join(takers)} only; task {self.task!r} "
+                             "takes its labels from data.label_column")
         return self
 
     # resolved defaults ---------------------------------------------------

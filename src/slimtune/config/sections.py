@@ -48,21 +48,63 @@ class DataConfig(StrictModel):
     test: str | None = Field(None, description="test data, evaluated once with the best checkpoint at the end")
     text_column: str = Field("text", description="column with the input text")
     text_pair_column: str | None = Field(None, description="optional second text column (sentence pairs)")
-    label_column: str = Field("label", description="column with the class label (text- and image-classification)")
+    label_column: str = Field("label", description="column with the class label (text- and image-classification) "
+                              "or the float target (regression)")
+    target_columns: list[str] | None = Field(
+        None, min_length=1, description="regression with several targets: the columns of float targets, one model "
+        "output each (metrics are averaged over them); default: data.label_column as the one target")
+    label_separator: str | None = Field(
+        None, min_length=1, description="multi-label-classification: data.label_column holds each row's labels as "
+        "one text split at this string, e.g. ',' ('billing, refund'); each label is stripped of whitespace and an "
+        "empty cell is a row with no labels. Not needed for lists (JSONL / Parquet)")
+    label_columns: list[str] | None = Field(
+        None, min_length=1, description="multi-label-classification: one column per label holding 1 (the row has "
+        "it) or 0, instead of data.label_column; the column names are the labels, in this order")
+
+    @model_validator(mode="after")
+    def _one_label_layout(self):
+        cols = self.label_columns
+        if cols is None:
+            return self
+        if self.label_separator is not None:
+            raise ValueError("data.label_columns and data.label_separator: 0/1 label columns hold no text to split; "
+                             "give one of them")
+        if "label_column" in self.model_fields_set:
+            raise ValueError("data.label_column and data.label_columns: give one (label_column: one column holding "
+                             "each row's labels; label_columns: one 0/1 column per label)")
+        twice = sorted({c for c in cols if cols.count(c) > 1})
+        texts = [c for c in cols if c in (self.text_column, self.text_pair_column)]
+        if twice or texts:
+            raise ValueError(f"data.label_columns: {(twice or texts)[0]!r} "
+                             + ("is listed twice" if twice else "is also the text column"))
+        return self
+
+    @field_validator("target_columns")
+    @classmethod
+    def _distinct_targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"names a column twice: {v}; give each target column once")
+        return v
+
     image_column: str = Field("image", description="image-classification: column with image paths (relative to the "
                               "file's folder) or a `datasets` image column")
     bad_images: Literal["fail", "skip"] = Field("fail", description="unreadable or truncated images: fail naming them, "
                                                 "or skip them with a count in the data report")
     label_names: list[str] | None = Field(None, description="names of integer labels 0..N-1 (idx / npz files), e.g. "
                                           "Fashion-MNIST's classes")
-    format: Literal["auto", "text", "chat", "instruction"] = Field(
+    format: Literal["auto", "text", "chat", "sharegpt", "alpaca", "instruction"] = Field(
         "auto",
-        description="causal-lm record format: 'text' (plain text, packed into blocks), 'chat' (a messages "
-        "column of {role, content}), 'instruction' (prompt and response columns); 'auto' picks from the columns",
+        description="causal-lm record format: 'text' (plain text, packed into blocks), 'chat' (a list of messages "
+        "per record: OpenAI {role, content} or ShareGPT {from, value}; a 'tools' column goes to the template), "
+        "'sharegpt' (chat with ShareGPT's {from, value} required), 'alpaca' (instruction / input / output "
+        "columns), 'instruction' (prompt and response columns, or prompt / completion; strings or message lists); "
+        "'auto' picks from the columns. A 'system' column is the system prompt of alpaca / instruction records",
     )
-    messages_column: str = Field("messages", description="column with chat messages (format: chat)")
+    messages_column: str = Field("messages", description="column with chat messages (format: chat / sharegpt; "
+                                 "a 'conversations' column is used when this one is absent)")
     prompt_column: str = Field("prompt", description="column with the instruction (format: instruction)")
-    response_column: str = Field("response", description="column with the response (format: instruction)")
+    response_column: str = Field("response", description="column with the response (format: instruction; a "
+                                 "'completion' column is used when this one is absent)")
     train_on_prompt: bool = Field(False, description="causal-lm: also compute the loss on prompt / user tokens")
     packing: bool | Literal["split"] = Field(
         False, description="causal-lm training: false: one example per row, padded; true: examples (truncated to "
@@ -77,6 +119,21 @@ class DataConfig(StrictModel):
     max_eval_samples: int | None = Field(None, ge=1, description="use only this many eval examples")
     min_class_examples: int = Field(2, ge=1, description="a class with fewer examples than this cannot be split and "
         "fails validation")
+    tokens_column: str = Field("tokens", description="token-classification (JSONL / Parquet / datasets): column with "
+                               "each sentence's words, a list of strings")
+    tags_column: str = Field("tags", description="token-classification (JSONL / Parquet / datasets): column with one "
+                             "tag per word ('B-PER', 'O', ...), a list as long as the words; integer tags are named by "
+                             "the dataset's ClassLabel names or data.label_names")
+    tag_scheme: Literal["auto", "BIO", "BIOES", "IOB1"] = Field(
+        "auto", description="token-classification tags: 'BIO' (B- begins an entity, I- continues it), 'BIOES' (also "
+        "E- ends one, S- is a one-word entity), 'IOB1' (CoNLL-2003's original files: I- begins an entity unless it "
+        "follows one of its type; converted to BIO); 'auto': BIOES when the training tags hold E- or S-, else BIO")
+    conll: bool = Field(False, description="token-classification: read every data file as CoNLL columns (one word "
+                        "per line, a blank line between sentences) whatever its extension, e.g. .txt; "
+                        ".conll / .iob / .bio files always are")
+    conll_token_column: int = Field(0, description="CoNLL files: the column holding the word (0 = first; negative "
+                                    "counts from the end)")
+    conll_tag_column: int = Field(-1, description="CoNLL files: the column holding the tag (-1 = last)")
 
 
 class EarlyStoppingConfig(StrictModel):
@@ -142,6 +199,11 @@ class TrainConfig(StrictModel):
         False, description="recompute the transformer blocks' activations in the backward pass instead of keeping "
         "them (less memory, slower steps; measurements: benchmarks/RESULTS.md); 'offload': also keep each block's "
         "input in host memory (CUDA only)")
+    loss: Literal["auto", "mse", "huber"] = Field(
+        "auto", description="training loss where the task offers a choice: 'auto' is the task's own (cross-entropy "
+        "for classifiers, mse for regression); regression: 'mse' or 'huber' on the standardised targets")
+    huber_delta: float = Field(1.0, gt=0, description="train.loss=huber: where the loss turns from squared to "
+                               "linear, in standard deviations of the target")
     log_every: int = Field(10, ge=1, description="log training loss / lr / throughput every N optimizer steps")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig,
                                                 description="stop when eval.monitor stops improving")
@@ -195,16 +257,36 @@ class TrainConfig(StrictModel):
         return self
 
 
+GENERATION_METRICS = ("chrf", "bleu", "rouge_l", "exact_match")
+
+
+class GenerateConfig(StrictModel):
+    examples: int = Field(64, ge=1, description="eval records whose last assistant reply is generated (the first N "
+                          "of the eval split)")
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per reply at most")
+    metrics: list[Literal["chrf", "bleu", "rouge_l", "exact_match"]] = Field(
+        ["chrf", "rouge_l", "exact_match"], description="scores of each reply against the reference: chrf and bleu "
+        "(sacrebleu, corpus level), rouge_l (rouge-score F1, mean), exact_match (after lower-casing and removing "
+        "punctuation, articles and extra spaces); they go into the eval metrics as gen_<name>")
+    every: Literal["eval", "end"] = Field("end", description="eval: at every evaluation (eval.monitor may then be "
+                                          "a gen_ metric); end: once, with the best checkpoint")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded, with the KV cache)")
+
+
 class EvalConfig(StrictModel):
     every_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (overrides every_epochs)")
     every_epochs: float = Field(1.0, gt=0, description="evaluate every this fraction (or multiple) of an epoch")
     metrics: list[str] | None = Field(None, description="metrics to compute; default: accuracy, macro_f1 "
-        "(classification), loss, perplexity (causal-lm)")
+        "(classification), loss, perplexity (causal-lm), rmse, mae, r2, pearson, spearman (regression)")
     monitor: str | None = Field(None, description="metric that selects the best checkpoint and drives early stopping; "
-        "default accuracy / loss")
+        "default accuracy / loss / rmse (regression)")
     mode: Literal["auto", "max", "min"] = Field("auto", description="whether a higher monitored value is better; auto: "
-        "min for loss/perplexity")
+        "min for loss/perplexity, rmse/mae")
     batch_size: int | None = Field(None, ge=1, description="eval batch size (default 2x train batch size)")
+    generate: GenerateConfig | None = Field(None, description="causal-lm chat / instruction data: generate replies "
+                                            "for eval records and score them against the references "
+                                            "(generations.jsonl, the report's samples table)")
 
 
 class ImageConfig(StrictModel):

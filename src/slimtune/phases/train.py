@@ -18,7 +18,7 @@ from ..track import atomic
 from ..track.rundir import git_hash, hardware, versions
 from ..train import checkpoint
 from ..train.activation_checkpointing import check_checkpointing, enable_checkpointing
-from ..train.callbacks import EarlyStopping, MethodStep
+from ..train.callbacks import Callback, EarlyStopping, MethodStep, fire
 from ..train.groups import Groups, split_groups
 from ..train.loop import Loop, LoopData, interrupts_deferred
 from ..train.optim import build_optimizer, param_lr_scale, trainable_per_group
@@ -124,6 +124,8 @@ def build_loop(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches
                  *transfer]
     if cfg.train.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
+    if cfg.eval.generate is not None:
+        callbacks.append(generation_callback(cfg, task, inputs, folder, accelerator.is_main_process))
     train = inputs.features["train"]
     loss = task.loss_hooks(cfg, unwrapped, train, batches.sampler.per_rank() * accelerator.num_processes)
     if loss.note:
@@ -146,6 +148,14 @@ def build_loop(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches
         "versions": versions(), "git": git_hash(), "hardware": hardware(),
     })
     return Trainer(loop, progress, base_summary)
+
+
+def generation_callback(cfg: RunConfig, task: Task, inputs: Inputs, folder: RunFolder, main: bool) -> Callback:
+    from ..train.generation import GenerationEval
+
+    gen = cfg.eval.generate
+    prompts = task.generation_prompts(cfg, inputs.processor, inputs.splits, gen.examples)
+    return GenerationEval(gen, prompts, inputs.processor, folder.files, main)
 
 
 # -- 7. training, and the status of a run that does not finish -----------------------------------------------
@@ -199,6 +209,12 @@ def finish(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches, tr
     accelerator.wait_for_everyone()
     if (best / "trainable.safetensors").exists():
         checkpoint.load(best, unwrapped)
+    fire(loop.callbacks, "on_best_loaded", loop)
+    fitted = setup.task.fit_after_training(unwrapped, lambda: best_eval_parts(loop), inputs.splits.meta)
+    if fitted:  # the best checkpoint's own facts (thresholds): beside the labels, where evaluate / predict read them
+        inputs.splits.meta.update(fitted)
+        if accelerator.is_main_process:
+            folder.files.write_json("meta.json", {**folder.files.read_json("meta.json"), **fitted})
     whole = checkpoint.trainable_state(unwrapped) if checkpoint.sharded(unwrapped) else None  # on every process
     if accelerator.is_main_process:
         with atomic.folder(folder.path / "adapter") as tmp:
@@ -227,10 +243,16 @@ def finish(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches, tr
     return RunResult(folder.path, status, state.best_metrics or {}, loop.last_metrics, test_metrics, summary)
 
 
+def best_eval_parts(loop: Loop) -> dict:
+    """The eval split's per-example outputs with the best weights (loaded): the last evaluation's when it was of
+    the best step, else the eval split evaluated again (a resumed run, a best step before the last)."""
+    if not (loop.last_parts and loop.state.best_step == loop.state.last_eval_step):
+        loop.evaluate()
+    return loop.last_parts
+
+
 def run_test(loop: Loop, test: list[dict], batch_size: int) -> dict:
     """The test split with the best weights; logged as a 'test' record and told to the callbacks."""
-    from ..train.callbacks import fire
-
     metrics = loop.evaluate(test, eval_batches(lengths(test), batch_size))
     loop.run.log({"type": "test", "step": loop.state.step, **{f"test_{k}": v for k, v in metrics.items()}})
     loop.accelerator.print("test  " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

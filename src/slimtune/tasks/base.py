@@ -56,6 +56,16 @@ class Task:
         """Checks for a data file evaluated against a finished run (`splits.test` holds it)."""
         raise NotImplementedError
 
+    def data_preview(self, cfg: RunConfig, processor: Any, splits: Splits) -> list[str]:
+        """Lines `slimtune validate` prints about the data as the model will see it (a rendered example, the
+        length distribution); [] where the task has nothing to show."""
+        return []
+
+    def generation_prompts(self, cfg: RunConfig, processor: Any, splits: Splits, n: int) -> list[dict]:
+        """eval.generate's inputs from the first n eval records: [{"prompt_ids", "prompt", "reference"}]; config
+        validation lets only a task whose spec says it generates get here."""
+        return []
+
     # -- model and inputs -----------------------------------------------------------------------------------
     def load_processor(self, cfg: RunConfig, source: ModelSource) -> Any:
         """The tokenizer; model.max_length is checked against the model's position limit here, before any data
@@ -116,6 +126,15 @@ class Task:
         "x": [...], "y": [...], "x_label", "y_label"}; the report renders both kinds, so a task adds figures
         without touching report/. None: none."""
         return None
+
+    def fit_after_training(self, model: torch.nn.Module, eval_parts: Callable[[], dict[str, torch.Tensor]],
+                           meta: dict) -> dict:
+        """Fit what belongs to the best checkpoint (decision thresholds, calibration) once training is over: the
+        best weights are loaded, the adapter is not saved yet and the test split not evaluated. `eval_parts()`
+        gives the eval split's per-example outputs with these weights (gathered across processes: every process
+        calls it, or none does). The task sets what it fitted on `model` for the test evaluation and returns it;
+        the returned keys are merged into meta.json, where evaluate and predict read them back. {}: nothing."""
+        return {}
 
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[str], meta: dict, **kwargs) -> list[dict]:
         """Predictions for raw inputs (texts, prompts, image paths), with the run's meta (labels, format)."""

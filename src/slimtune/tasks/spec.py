@@ -25,12 +25,20 @@ class TaskSpec:
     has_head: bool = True  # a new output layer sized to the labels (classification), trained in full
     # a sequence-length schedule cuts examples but keeps their last token (a classifier's [SEP] / EOS)
     keep_last_token: bool = False
+    # the head predicts a label per token (token classification): inspect's dummy batch holds one per position
+    labels_per_token: bool = False
     # training examples may be packed into rows (data.packing): the task's collate and count handle packed rows
     packing: bool = False
+    # eval.generate: the task generates text for its eval records (Task.generation_prompts) and scores it
+    generates: bool = False
     lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
     # the transformers Auto class that builds the model from its config (`slimtune inspect`, on the meta device);
     # None: the task is not inspected
     auto_model: str | None = None
+    # train.loss values the task accepts besides 'auto' (its default loss); empty: its default loss only
+    losses: tuple[str, ...] = ()
+    # data.target_columns (several float targets) is read; other tasks take their one label from data.label_column
+    target_columns: bool = False
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from ..methods.base import Method
     from .loop import Loop
 
-EVENTS = ("on_train_begin", "on_optimizer_step", "on_step_end", "on_eval_end", "on_test_end", "on_train_end")
+EVENTS = ("on_train_begin", "on_optimizer_step", "on_step_end", "on_eval_end", "on_best_loaded", "on_test_end",
+          "on_train_end")
 
 
 class Callback:
@@ -42,8 +43,15 @@ class Callback:
     def on_step_end(self, loop: Loop) -> None:
         """After an optimizer step and its logging, before a due evaluation."""
 
+    def eval_metrics(self, loop: Loop) -> dict:
+        """Metrics this callback adds to an evaluation, before the monitored one is read (generation scores)."""
+        return {}
+
     def on_eval_end(self, loop: Loop, metrics: dict) -> None:
         """After an evaluation and its checkpoints."""
+
+    def on_best_loaded(self, loop: Loop) -> None:
+        """After training, once the best checkpoint's weights are in the model (before the adapter is saved)."""
 
     def on_test_end(self, loop: Loop, metrics: dict) -> None:
         """After the test split was evaluated with the best weights (the run's finish)."""
@@ -89,6 +97,16 @@ def fire(callbacks: list, event: str, *args) -> None:
         fn = getattr(cb, event, None)
         if fn is not None:
             fn(*args)
+
+
+def extra_metrics(callbacks: list, loop: Loop) -> dict:
+    """The metrics callbacks add to an evaluation (Callback.eval_metrics)."""
+    out: dict = {}
+    for cb in callbacks:
+        fn = getattr(cb, "eval_metrics", None)
+        if fn is not None:
+            out.update(fn(loop))
+    return out
 
 
 class MethodStep(Callback):

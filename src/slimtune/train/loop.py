@@ -25,7 +25,7 @@ from ..errors import RunFolderError
 from ..tasks.base import LossHooks
 from ..track import atomic
 from . import checkpoint
-from .callbacks import StopTraining, fire
+from .callbacks import StopTraining, extra_metrics, fire
 from .schedules import lr_factor
 from .state import TrainState
 
@@ -87,7 +87,7 @@ class Loop:
         self.monitor = cfg.monitor
         self.higher = cfg.higher_is_better
         self.wanted = cfg.eval.metrics or task.spec.default_metrics
-        if self.monitor not in self.wanted:
+        if self.monitor not in self.wanted and self.monitor in task.spec.metrics:  # else a callback's (gen_chrf)
             self.wanted = tuple(self.wanted) + (self.monitor,)
         self.state = TrainState()
         # what checkpoints hold: every parameter the method trains, frozen for now or not (transfer callbacks
@@ -268,7 +268,7 @@ class Loop:
     def evaluate_and_checkpoint(self) -> dict:
         state = self.state
         self._fold_counts()
-        metrics = self.evaluate()
+        metrics = {**self.evaluate(), **extra_metrics(self.callbacks, self)}  # the task's, then e.g. generation's
         value = metrics[self.monitor]
         improved = self._improved(value)
         # the state after this evaluation; the loop takes it only once the checkpoints are on disk, so an
