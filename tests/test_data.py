@@ -602,7 +602,7 @@ def test_causal_lm_malformed_messages(tmp_path, bad):
     rows[1] = {"messages": bad}
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     msg = data_error(LM.load_data, cfg_for("causal-lm", train))
-    assert str(train) in msg and "record 2" in msg and "'role', 'content'" in msg
+    assert str(train) in msg and "record 2" in msg and ("{role, content}" in msg or "list of messages" in msg)
 
 
 def test_causal_lm_unrecognised_columns(tmp_path):

@@ -24,6 +24,7 @@ class Validation:
     splits: object  # tasks.common.Splits
     model: str  # one line: what the model source is and what was checked
     warnings: list[str] = field(default_factory=list)
+    preview: list[str] = field(default_factory=list)  # the task's view of the data through the processor
 
 
 def validate(config: str | Path | dict | RunConfig, overrides: list[str] | None = None) -> Validation:
@@ -31,18 +32,19 @@ def validate(config: str | Path | dict | RunConfig, overrides: list[str] | None 
     cfg = load_config(config, overrides)
     task = get_task(cfg.task)
     splits = task.load_data(cfg)  # data first, as in run: every data error shows before the model is touched
-    model, notes = check_model(cfg, task)
-    return Validation(cfg, splits, model, list(splits.report.warnings) + notes)
+    model, notes, processor = check_model(cfg, task)
+    preview = task.data_preview(cfg, processor, splits)
+    return Validation(cfg, splits, model, list(splits.report.warnings) + notes, preview)
 
 
-def check_model(cfg: RunConfig, task: Task) -> tuple[str, list[str]]:
-    """(a line saying what was checked, warnings of the model's preprocessing)."""
+def check_model(cfg: RunConfig, task: Task) -> tuple[str, list[str], object]:
+    """(a line saying what was checked, warnings of the model's preprocessing, the processor)."""
     if cfg.model.factory:
         from .models.factory import factory_source
 
         src = factory_source(cfg.model.factory)  # imports it: a module that does not import fails here
         processor = task.load_processor(cfg, src)
-        return f"{cfg.model.factory} (factory, imports)", list(getattr(processor, "notes", []))
+        return f"{cfg.model.factory} (factory, imports)", list(getattr(processor, "notes", [])), processor
     src = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     config = model_config(src, cfg.model.trust_remote_code, cfg.model.revision)
     weights = source_weights(src, cfg.model.revision)
@@ -53,7 +55,7 @@ def check_model(cfg: RunConfig, task: Task) -> tuple[str, list[str]]:
     where = src.path if src.origin != "gguf" else str(Path(src.path, src.gguf_file))
     line = f"{where} ({src.origin}; {kind}" + (f", up to {limit} tokens" if limit and tokens else "") \
         + f"; weights: {weights})"
-    return line, list(getattr(processor, "notes", []))
+    return line, list(getattr(processor, "notes", [])), processor
 
 
 def source_weights(src: ModelSource, revision: str | None = None) -> str:

@@ -130,9 +130,35 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False, revision: 
         tok = AutoTokenizer.from_pretrained(src.path, **_common_kwargs(src, trust_remote_code, revision))
     except Exception as e:
         raise ModelError(f"cannot load the tokenizer of {src.path!r}: {type(e).__name__}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
+    distinct_pad(tok)
     return tok
+
+
+def _known_id(tokenizer, token: str) -> int | None:
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return i
+
+
+def distinct_pad(tokenizer) -> str | None:
+    """A pad token that is not EOS, from the tokens the tokenizer has (no new embedding row to train), set on
+    the tokenizer; the chosen token, or None where it keeps its own pad. A pad equal to EOS is what makes a
+    collator that masks labels by token id drop every real EOS ('the model never stops'); slimtune masks by
+    position, and a distinct pad also keeps the last-token pooling of decoder classifiers right."""
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token is not None and (eos is None or tokenizer.pad_token_id != eos):
+        return None
+    for token in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|fim_pad|>", tokenizer.unk_token,
+                  "<|endoftext|>"):
+        if token and token != tokenizer.eos_token and token != tokenizer.bos_token:
+            i = _known_id(tokenizer, token)
+            if i is not None and i != eos:
+                tokenizer.pad_token = token
+                return token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return None
 
 
 def load_pretrained(auto_cls, src: ModelSource, trust_remote_code: bool = False, revision: str | None = None, **kwargs):

@@ -1,12 +1,13 @@
 """Causal-LM fine-tuning on plain text, instruction records or chat records.
 
 Plain text is tokenized, joined with EOS and cut into blocks of max_length
-(the usual LM packing). Chat / instruction records go through the model's chat
-template; by default the loss is on the assistant tokens only (labels -100
-elsewhere), found by rendering the conversation prefix before each assistant
-turn and masking up to it. With data.packing the training examples are packed
-into rows with per-example position ids (data/packing.py says how attention
-stays inside each example); evaluation examples never are.
+(the usual LM packing). Records in the formats of data/chat_formats.py (OpenAI
+messages, ShareGPT, Alpaca, prompt / completion) become conversations that the
+model's chat template renders; by default the loss is on the assistant tokens
+only, each reply's end-of-turn token included (tasks/chat_encoding.py). With
+data.packing the training examples are packed into rows with per-example
+position ids (data/packing.py says how attention stays inside each example);
+evaluation examples never are.
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
-from ..data import packing
+from ..data import chat_formats, packing
 from ..data.readers import DataError
+from ..errors import UsageError
 from ..data.validate import require_columns, require_nonempty, text_warnings
 from . import TASKS
 from .base import Batch, Example, LoadedModel, LossHooks, Task
+from .chat_encoding import (FALLBACK_CHAT_TEMPLATE, drop_unscored, encode_chat, end_of_turn_ids, length_summary,
+                            marked_text, render_ids)
 from .common import HEAD_MARGIN, Splits, head_texts, pad_batch, read_splits, truncation_warning
+from .generation import generate_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -29,91 +34,20 @@ if TYPE_CHECKING:
     from ..config import RunConfig
     from ..models.sources import ModelSource
 
-# used when a tokenizer has no chat template of its own (base models)
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def detect_format(cfg: RunConfig, columns: list[str]) -> str:
-    d = cfg.data
-    if d.format != "auto":
-        return d.format
-    if d.messages_column in columns:
-        return "chat"
-    if d.prompt_column in columns and d.response_column in columns:
-        return "instruction"
-    if d.text_column in columns:
-        return "text"
-    raise DataError(
-        f"{d.train}: cannot tell the record format from the columns {', '.join(columns)}; expected a "
-        f"{d.messages_column!r} column (chat), {d.prompt_column!r} + {d.response_column!r} (instruction) or "
-        f"{d.text_column!r} (plain text); set data.format and the column names"
-    )
-
-
-def _required(cfg: RunConfig, fmt: str) -> dict[str, str]:
-    d = cfg.data
-    return {
-        "chat": {d.messages_column: "data.messages_column"},
-        "instruction": {d.prompt_column: "data.prompt_column", d.response_column: "data.response_column"},
-        "text": {d.text_column: "data.text_column"},
-    }[fmt]
-
-
-def _check_messages(ds, column: str, source: str) -> None:
-    for i, msgs in enumerate(ds[column]):
-        # Arrow gives every message all keys seen in the column, a missing one as None
-        if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and m.get("role") is not None and m.get("content") is not None for m in msgs
-        ):
-            raise DataError(f"{source}: record {i + 1}, column {column!r}: expected a list of {{'role', 'content'}} "
-                            f"messages, got {str(msgs)[:80]!r}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{source}: record {i + 1}, column {column!r}: no 'assistant' message, so nothing to "
-                            "learn from")
-
-
-def _records_to_messages(cfg: RunConfig, ds, fmt: str) -> list[list[dict]]:
-    d = cfg.data
-    if fmt == "chat":
-        return [[{"role": m["role"], "content": str(m["content"])} for m in msgs] for msgs in ds[d.messages_column]]
-    return [[{"role": "user", "content": str(p)}, {"role": "assistant", "content": str(r)}]
-            for p, r in zip(ds[d.prompt_column], ds[d.response_column])]
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int,
-                train_on_prompt: bool) -> tuple[Example, bool]:
-    """input_ids and labels with -100 on everything but assistant turns; (example, truncated?)."""
-    ids = _ids(tokenizer, messages)
-    labels = list(ids) if train_on_prompt else [-100] * len(ids)
-    if not train_on_prompt:
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(_ids(tokenizer, messages[: i + 1]))
-            labels[start:end] = ids[start:end]
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
+PREVIEW_RECORDS = 1000  # records `slimtune validate` tokenizes for the length distribution
+PREVIEW_CHARS = 2000  # of the rendered example it prints
 
 
 def _head_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], n_tokens: int) -> tuple[list[dict], bool]:
     """Each message's content cut to a head of at least n_tokens tokens (the conversation is rendered
     and tokenized once per assistant turn, a huge content each time); (messages, any cut?). A cut content
     alone fills max_length, so whatever follows it lay past the truncation anyway."""
-    heads, cut = head_texts(tokenizer, [m["content"] for m in messages], n_tokens)
-    return [{**m, "content": h} for m, h in zip(messages, heads)], any(cut)
+    texts = [i for i, m in enumerate(messages) if isinstance(m["content"], str)]  # not content-part lists
+    heads, cut = head_texts(tokenizer, [messages[i]["content"] for i in texts], n_tokens)
+    out = list(messages)
+    for i, h in zip(texts, heads):
+        out[i] = {**messages[i], "content": h}
+    return out, any(cut)
 
 
 def _pack_text(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Example]:
@@ -131,15 +65,18 @@ def _chat_examples(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: S
     """Chat / instruction records of one split, encoded; truncation and dropped records go into the report.
     `whole`: not truncated (data.packing: split cuts the long ones into chunks later), so not cut to heads either."""
     max_length = cfg.model.max_length
+    source = splits.sources.get(name, name)
+    tools = chat_formats.record_tools(ds) or [None] * len(ds)
+    end_ids = end_of_turn_ids(tokenizer)
     examples, n_trunc = [], 0
-    for msgs in _records_to_messages(cfg, ds, fmt):
+    for msgs, tool in zip(chat_formats.conversations(cfg, fmt, ds, source), tools):
         cut = False
         if not whole:
             msgs, cut = _head_messages(tokenizer, msgs, max_length + HEAD_MARGIN)
-        ex, trunc = encode_chat(tokenizer, msgs, sys.maxsize if whole else max_length, cfg.data.train_on_prompt)
+        ex, trunc = _encode(tokenizer, msgs, sys.maxsize if whole else max_length, cfg.data.train_on_prompt, tool,
+                            end_ids, source, len(examples))
         n_trunc += trunc or cut or len(ex["input_ids"]) > max_length
-        if any(lab != -100 for lab in ex["labels"]):
-            examples.append(ex)
+        examples.append(ex)
     if whole:
         splits.report.stats[f"{name}_split"] = n_trunc
         if n_trunc:
@@ -147,10 +84,28 @@ def _chat_examples(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: S
                                f"{max_length} and were split into chunks (data.packing: split)")
     else:
         truncation_warning(splits.report, name, n_trunc, len(ds), max_length)
-    dropped = len(ds) - len(examples)
-    if dropped:
-        splits.report.warn(f"{name}: {dropped} record(s) had no response tokens left after truncation and were dropped")
-    return examples
+    d = cfg.data
+    as_read = {"train": not splits.report.stats.get("eval_carved_out") and not d.max_train_samples,
+               "eval": bool(d.eval) and not d.max_eval_samples}.get(name, True)
+    return drop_unscored(splits.report, name, source, examples, max_length, as_read)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, msgs: list[dict], max_length: int, train_on_prompt: bool,
+            tools: list | None, end_ids: set[int], source: str, i: int) -> tuple[Example, bool]:
+    try:
+        return encode_chat(tokenizer, msgs, max_length, train_on_prompt, tools, end_ids)
+    except DataError:
+        raise
+    except Exception as e:  # the template refuses the record (a role or tool call it does not know)
+        raise DataError(f"{source}: record {i + 1}: the chat template cannot render it: {type(e).__name__}: "
+                        f"{str(e)[:300]} (roles: {[m['role'] for m in msgs]})") from None
+
+
+def _chat_template(tokenizer: PreTrainedTokenizerBase, splits: Splits) -> None:
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        splits.report.warn("the tokenizer has no chat template; using a ChatML fallback "
+                           "(<|im_start|>role ... <|im_end|>)")
 
 
 def _forward_parameters(model: torch.nn.Module) -> list | None:
@@ -230,27 +185,80 @@ class CausalLM(Task):
 
         def check(ds, src: str) -> None:
             if not detected:
-                detected.append(detect_format(cfg, ds.column_names))
-            cols = _required(cfg, detected[0])
-            require_columns(ds, list(cols), src, cols)
-            if detected[0] == "chat":
-                _check_messages(ds, cfg.data.messages_column, src)
+                detected.append(chat_formats.detect_format(cfg, ds.column_names, src))
+            self._check_records(cfg, detected[0], ds, src)
 
         splits = read_splits(cfg, None, check)
-        d = cfg.data
         fmt = splits.meta["format"] = detected[0]
-        key = {"chat": d.messages_column, "instruction": d.prompt_column, "text": d.text_column}[fmt]
+        key = chat_formats.text_column(cfg, fmt, splits.train.column_names)
         texts = [str(x) for x in splits.train[key]]
         text_warnings(splits.report, "train", texts, {"eval": [str(x) for x in splits.eval[key]]})
         return splits
 
+    @staticmethod
+    def _check_records(cfg: RunConfig, fmt: str, ds, src: str) -> None:
+        """Columns, and every record read as its format says (before any model is loaded)."""
+        cols = chat_formats.required_columns(cfg, fmt, ds.column_names)
+        require_columns(ds, list(cols), src, cols)
+        if fmt != "text":
+            chat_formats.conversations(cfg, fmt, ds, src)
+
     def check_eval_data(self, cfg: RunConfig, splits: Splits) -> None:
         src = splits.sources["test"]
-        cols = _required(cfg, splits.meta["format"])
-        require_columns(splits.test, list(cols), src, cols)
+        self._check_records(cfg, splits.meta["format"], splits.test, src)
         require_nonempty(splits.test, "eval", src)
-        if splits.meta["format"] == "chat":
-            _check_messages(splits.test, cfg.data.messages_column, src)
+
+    def data_preview(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: Splits) -> list[str]:
+        """The first training record as the model reads it (scored tokens between [[ and ]]) and the token
+        lengths of the first PREVIEW_RECORDS training records, before truncation."""
+        fmt, max_length, ds = splits.meta["format"], cfg.model.max_length, splits.train
+        n = min(len(ds), PREVIEW_RECORDS)
+        head = ds.select(range(n))
+        if fmt == "text":
+            lengths = [len(x) for x in tokenizer([str(t) for t in head[cfg.data.text_column]],
+                                                 add_special_tokens=False)["input_ids"]]
+            return [length_summary(lengths, max_length, f"text lengths (first {n} train records; plain text is "
+                                   "joined and cut into blocks, every token scored)")]
+        _chat_template(tokenizer, splits)
+        source = splits.sources.get("train", "train")
+        tools = chat_formats.record_tools(head) or [None] * n
+        end_ids = end_of_turn_ids(tokenizer)
+        encoded = [_encode(tokenizer, msgs, sys.maxsize, cfg.data.train_on_prompt, tool, end_ids, source, i)[0]
+                   for i, (msgs, tool) in enumerate(zip(chat_formats.conversations(cfg, fmt, head, source), tools))]
+        first = {k: v[:max_length] for k, v in encoded[0].items()}
+        text = marked_text(tokenizer, first)
+        cut = " (cut at model.max_length)" if len(encoded[0]["input_ids"]) > max_length else ""
+        scored = [sum(lab != -100 for lab in e["labels"][:max_length]) for e in encoded]
+        lost = [i + 1 for i, k in enumerate(scored) if k == 0]
+        return [f"training record 1 as the model reads it ({fmt} format; scored tokens between [[ and ]]){cut}:",
+                text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + f" ... ({len(text)} characters)",
+                length_summary([len(e["input_ids"]) for e in encoded], max_length, f"token lengths (first {n} "
+                               "train records)"),
+                f"scored tokens per record within model.max_length: median {sorted(scored)[len(scored) // 2]}, "
+                f"min {min(scored)}"
+                + (f"; {len(lost)} record(s) keep none and will be dropped (training split numbering: "
+                   f"{', '.join(map(str, lost[:20]))})" if lost else "")]
+
+    def generation_prompts(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: Splits,
+                           n: int) -> list[dict]:
+        """Each eval record's conversation up to its last trained assistant reply (the reference), rendered with
+        the generation prompt; a prompt longer than model.max_length keeps its last tokens."""
+        fmt = splits.meta["format"]
+        if fmt == "text":
+            raise DataError(f"{splits.sources.get('eval', 'eval')}: eval.generate needs chat or instruction records "
+                            "(a reply to generate and a reference to score it against); this data is plain text")
+        _chat_template(tokenizer, splits)
+        head = splits.eval.select(range(min(n, len(splits.eval))))
+        source = splits.sources.get("eval", "eval")
+        tools = chat_formats.record_tools(head) or [None] * len(head)
+        out = []
+        for msgs, tool in zip(chat_formats.conversations(cfg, fmt, head, source), tools):
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("weight", 1) != 0)
+            context = [{k: v for k, v in m.items() if k != "weight"} for m in msgs[:last]]
+            ids = render_ids(tokenizer, context, add_generation_prompt=True, tools=tool)[-cfg.model.max_length:]
+            user = next((m["content"] for m in reversed(context) if m["role"] == "user"), "")
+            out.append({"prompt_ids": ids, "prompt": str(user), "reference": str(msgs[last]["content"])})
+        return out
 
     def load_model(self, cfg: RunConfig, source: ModelSource, splits: Splits, **load_kwargs) -> LoadedModel:
         from transformers import AutoModelForCausalLM
@@ -263,10 +271,8 @@ class CausalLM(Task):
 
     def featurize(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: Splits) -> dict[str, list[Example]]:
         fmt = splits.meta["format"]
-        if fmt != "text" and not tokenizer.chat_template:
-            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-            splits.report.warn("the tokenizer has no chat template; using a ChatML fallback "
-                               "(<|im_start|>role ... <|im_end|>)")
+        if fmt != "text":
+            _chat_template(tokenizer, splits)
         out = {}
         pack = cfg.data.packing
         for name, ds in splits.present():
@@ -333,22 +339,30 @@ class CausalLM(Task):
         values = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         return {m: values[m] for m in wanted}
 
-    @torch.inference_mode()
     def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], meta: dict,
-                max_new_tokens: int = 64, do_sample: bool = False, **_) -> list[dict]:
-        model.eval()
-        device = next(model.parameters()).device
-        results = []
+                max_new_tokens: int = 64, do_sample: bool = False, system: str | None = None,
+                conversations: list[list[dict]] | None = None, batch_size: int = 8, **_) -> list[dict]:
+        """Replies to each text (a user turn, after `system` when given) and to each conversation (messages
+        ending with a user turn), generated in left-padded batches; a plain-text run continues each text."""
+        chat = meta.get("format") != "text" and bool(tokenizer.chat_template)
+        if (system or conversations) and not chat:
+            raise UsageError("--system and multi-turn input are for runs trained on chat / instruction records; "
+                             "this run's data was plain text, so give the text to continue")
+        head = [{"role": "system", "content": system}] if system else []
+        prompts, shown = [], []
         for text in texts:
-            if meta.get("format") != "text" and tokenizer.chat_template:
-                ids = _ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
-            else:
-                ids = tokenizer(text)["input_ids"]
-            inp = torch.tensor([ids], device=device)
-            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
-                                 do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
-            results.append({"prompt": text, "generated": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
-        return results
+            prompts.append(render_ids(tokenizer, head + [{"role": "user", "content": text}], True) if chat
+                           else tokenizer(text)["input_ids"])
+            shown.append(text)
+        for conv in conversations or []:
+            prompts.append(render_ids(tokenizer, head + conv, True))
+            shown.append(str(conv[-1]["content"]))
+        outs = generate_batch(model, tokenizer, prompts, max_new_tokens, end_of_turn_ids(tokenizer), batch_size,
+                              do_sample)
+        # OpenAI's finish_reason: "stop" when the model ended its reply, "length" when max_new_tokens cut it
+        return [{"prompt": p, "generated": tokenizer.decode(ids, skip_special_tokens=True),
+                 "new_tokens": len(ids) + stopped, "finish_reason": "stop" if stopped else "length"}
+                for p, (ids, stopped) in zip(shown, outs)]
 
 
 TASK = CausalLM()
