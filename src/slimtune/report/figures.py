@@ -60,3 +60,25 @@ def task_figures(figures: dict | None, fmt_img: str = "svg") -> Html:
             elif fig.get("kind") == "scatter":
                 out.append(_scatter(fig, where, fmt_img))
     return join(out)
+
+
+SHOWN_GENERATIONS = 20
+
+
+def generations(rows: list[dict], best_step: int | None) -> Html:
+    """eval.generate's samples of the best step (else the latest generation): prompt, reference, output, scores."""
+    steps = {r.get("step") for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)}
+    if not steps:
+        return Html("")
+    step = best_step if best_step in steps else max(steps)
+    shown = [r for r in rows if r.get("step") == step]
+    names = sorted({k for r in shown if isinstance(r.get("scores"), dict) for k in r["scores"]})
+    body = table(["#", "prompt", "reference", "output", "finish", *names],
+                 [[r.get("index"), str(r.get("prompt", ""))[:400], str(r.get("reference", ""))[:400],
+                   str(r.get("output", ""))[:400], r.get("finish_reason"),
+                   *(_cell((r.get("scores") or {}).get(n)) for n in names)] for r in shown[:SHOWN_GENERATIONS]],
+                 {0, *range(5, 5 + len(names))})
+    more = h('<p class="note">first {} of {} samples; all in generations.jsonl</p>', SHOWN_GENERATIONS, len(shown)) \
+        if len(shown) > SHOWN_GENERATIONS else Html("")
+    return h('<p class="note">step {}: replies generated for eval records, scored against the reference</p>{}{}',
+             step, body, more)

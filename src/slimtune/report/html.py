@@ -9,7 +9,7 @@ import yaml
 
 from ..track.runinfo import RunInfo, flat
 from . import plots
-from .figures import task_figures
+from .figures import generations, task_figures
 from .markup import Html, figure, h, join, kv_table, section, table
 
 CSS = """
@@ -196,6 +196,7 @@ def run_page(info: RunInfo, fmt_img: str = "svg", data_report: dict | None = Non
         section("Curves", h('<div class="grid">{}</div>', curves) if curves
                 else Html('<p class="note">no metrics logged yet</p>')),
         section("Confusion matrix", h('<div class="grid">{}</div>', cm) if cm else ""),
+        section("Generations", generations(info.generations, s.get("best_step"))),
         section("Evaluation details", h('<div class="grid">{}</div>', details) if details else ""),
         section("Trainable parameters", params),
         section("Cost and energy",

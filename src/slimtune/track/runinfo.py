@@ -63,6 +63,7 @@ class RunInfo:
     metrics: list[dict] = field(default_factory=list)   # metrics.jsonl records
     confusion: dict | None = None                        # confusion_matrix.json
     figures: dict | None = None                          # eval_figures.json (the task's tables / scatter plots)
+    generations: list[dict] = field(default_factory=list)  # generations.jsonl (eval.generate's samples)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -186,6 +187,7 @@ def read_run(path: str | Path, records: bool = False) -> RunInfo:
             info.confusion = _read_json(path / "confusion_matrix.json")
         if (path / "eval_figures.json").is_file():
             info.figures = _read_json(path / "eval_figures.json")
+        info.generations = [r for r in read_metrics(path / "generations.jsonl") if isinstance(r.get("step"), int)]
         if (path / "meta.json").is_file():
             info.meta = _read_json(path / "meta.json")
     return info
