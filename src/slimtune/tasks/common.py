@@ -132,6 +132,22 @@ def pad_batch(examples: list[dict], pad_id: int, keys: tuple[str, ...] = ("input
     return out
 
 
+def sequence_label_collate(pad_id: int, key: str, dtype: torch.dtype) -> Callable[[list[dict]], dict]:
+    """Batches of one token sequence each, padded, with one label tensor per example read from `key`
+    (class ids, multi-hot rows, float targets): the collate every sequence-level text task shares."""
+    def fn(examples: list[dict]) -> dict:
+        batch = pad_batch(examples, pad_id, keys=("input_ids", "attention_mask"))
+        batch["labels"] = torch.tensor([e[key] for e in examples], dtype=dtype)
+        return batch
+
+    return fn
+
+
+def sequence_count(batch: dict) -> tuple[int, torch.Tensor]:
+    """(samples, real tokens) of a padded batch; the token count stays a tensor, read at log time."""
+    return batch["input_ids"].shape[0], batch["attention_mask"].sum()
+
+
 def truncation_warning(report: DataReport, split: str, n_truncated: int, n: int, max_length: int) -> None:
     report.stats[f"{split}_truncated"] = n_truncated
     if n_truncated:

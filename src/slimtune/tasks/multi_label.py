@@ -23,8 +23,8 @@ from ..data.validate import (DataReport, empty_text_warning, imbalance_warning, 
                              text_warnings)
 from . import TASKS
 from .base import Batch, Example, LoadedModel, Task
-from .common import (HEAD_MARGIN, Splits, gather_splits, head_texts, label_order, limit_samples, pad_batch,
-                     truncation_warning)
+from .common import (HEAD_MARGIN, Splits, gather_splits, head_texts, label_order, limit_samples, sequence_count,
+                     sequence_label_collate, truncation_warning)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -299,17 +299,10 @@ class MultiLabelClassification(Task):
         return out
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Example]], Batch]:
-        pad_id = tokenizer.pad_token_id
-
-        def fn(examples: list[Example]) -> Batch:
-            batch = pad_batch(examples, pad_id, keys=("input_ids", "attention_mask"))
-            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32)
-            return batch
-
-        return fn
+        return sequence_label_collate(tokenizer.pad_token_id, "labels", torch.float32)
 
     def count(self, batch: Batch) -> tuple[int, torch.Tensor]:
-        return batch["input_ids"].shape[0], batch["attention_mask"].sum()  # a tensor: read at log time
+        return sequence_count(batch)
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

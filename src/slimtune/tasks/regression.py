@@ -18,7 +18,8 @@ from ..data.validate import DataReport, require_columns, require_nonempty, text_
 from ..errors import DataError, ModelError
 from . import TASKS
 from .base import Batch, Example, LoadedModel, LossHooks, Task
-from .common import HEAD_MARGIN, Splits, head_texts, pad_batch, read_splits, truncation_warning
+from .common import (HEAD_MARGIN, Splits, head_texts, read_splits, sequence_count, sequence_label_collate,
+                     truncation_warning)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -249,14 +250,7 @@ class Regression(Task):
         return out
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Example]], Batch]:
-        pad_id = tokenizer.pad_token_id
-
-        def fn(examples: list[Example]) -> Batch:
-            batch = pad_batch(examples, pad_id, keys=("input_ids", "attention_mask"))
-            batch["labels"] = torch.tensor([e["targets"] for e in examples], dtype=torch.float32)
-            return batch
-
-        return fn
+        return sequence_label_collate(tokenizer.pad_token_id, "targets", torch.float32)
 
     def loss_hooks(self, cfg: RunConfig, model: torch.nn.Module, train_examples: list[Example],
                    batches_per_epoch: int) -> LossHooks:
@@ -274,7 +268,7 @@ class Regression(Task):
                                               "rule": f"Huber loss {rule}; delta in standard deviations"})
 
     def count(self, batch: Batch) -> tuple[int, torch.Tensor]:
-        return batch["input_ids"].shape[0], batch["attention_mask"].sum()  # a tensor: read at log time
+        return sequence_count(batch)
 
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         labels = batch["labels"].float()

@@ -10,8 +10,8 @@ from ..data.validate import (check_unseen_labels, imbalance_warning, label_value
                              text_warnings)
 from . import TASKS
 from .base import Batch, Example, LoadedModel
-from .common import (HEAD_MARGIN, Classification, Splits, head_texts, label_order, pad_batch, ranked_labels,
-                     read_splits, truncation_warning)
+from .common import (HEAD_MARGIN, Classification, Splits, head_texts, label_order, ranked_labels, read_splits,
+                     sequence_count, sequence_label_collate, truncation_warning)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -118,17 +118,10 @@ class TextClassification(Classification):
         return out
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Example]], Batch]:
-        pad_id = tokenizer.pad_token_id
-
-        def fn(examples: list[Example]) -> Batch:
-            batch = pad_batch(examples, pad_id, keys=("input_ids", "attention_mask"))
-            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-            return batch
-
-        return fn
+        return sequence_label_collate(tokenizer.pad_token_id, "labels", torch.long)
 
     def count(self, batch: Batch) -> tuple[int, torch.Tensor]:
-        return batch["input_ids"].shape[0], batch["attention_mask"].sum()  # a tensor: read at log time
+        return sequence_count(batch)
 
     @torch.inference_mode()
     def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], meta: dict,
