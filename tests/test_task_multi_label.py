@@ -49,17 +49,13 @@ def topic_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-E2E_OPEN = ("the tiny random BERT reaches micro-F1 ~0.5 in 120 steps, short of the bound; the end-to-end config "
-            "needs retuning (open)")
-
-
 def ml_config(model: str, data: dict, out: Path, **train) -> dict:
     return {
         "task": TASK_NAME,
         "model": {"name": model, "max_length": 24},
         "data": {k: v for k, v in data.items() if k in ("train", "eval", "test")},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 120, "batch_size": 16, "lr": 1e-2, "log_every": 10, "precision": "fp32", "warmup": 0,
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": 200, "batch_size": 16, "lr": 1e-2, "log_every": 10, "precision": "fp32", "warmup": 0,
                   **train},
         "eval": {"every_steps": 20},
         "output": {"dir": str(out), "name": "run"},
@@ -276,10 +272,12 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_bert, data, tmp_path_factory):
+def finished(tiny_bert_wide, data, tmp_path_factory):
+    """The 0.2-init tiny BERT: at the 0.02 init of `tiny_bert` the frozen embeddings and pooler keep the cue words
+    apart too little for LoRA to reach the bounds (micro-F1 ~0.5 in 200 steps)."""
     out = tmp_path_factory.mktemp("ml-run")
     cfg_path = out / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(ml_config(tiny_bert, data, out / "runs")))
+    cfg_path.write_text(yaml.safe_dump(ml_config(tiny_bert_wide, data, out / "runs")))
     res = runner.invoke(app, ["run", str(cfg_path)])
     assert res.exit_code == 0, res.output
     return out / "runs" / "run"
@@ -289,7 +287,6 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.xfail(reason=E2E_OPEN, strict=False)
 def test_run_learns_label_sets_and_keeps_thresholds_and_figures(finished):
     summary, meta = _json(finished / "summary.json"), _json(finished / "meta.json")
     assert summary["status"] == "completed" and summary["monitor"] == "micro_f1"
@@ -307,7 +304,6 @@ def test_run_learns_label_sets_and_keeps_thresholds_and_figures(finished):
     assert stats["train"]["empty"] == sum(not r["label"] for r in topic_rows(160, 0)) > 0
 
 
-@pytest.mark.xfail(reason=E2E_OPEN, strict=False)
 def test_eval_reproduces_the_test_metrics_at_the_stored_thresholds_and_predict_applies_them(finished, data):
     res = runner.invoke(app, ["eval", str(finished), "--data", data["test"]])
     assert res.exit_code == 0, res.output
@@ -326,11 +322,11 @@ def test_eval_reproduces_the_test_metrics_at_the_stored_thresholds_and_predict_a
     assert table.exit_code == 0, table.output
 
 
-def test_the_adapter_loads_with_plain_peft_with_its_head(finished, tiny_bert):
+def test_the_adapter_loads_with_plain_peft_with_its_head(finished, tiny_bert_wide):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3,
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_wide, num_labels=3,
                                                               problem_type="multi_label_classification")
     plain = PeftModel.from_pretrained(base, str(finished / "adapter")).eval()
     tok = AutoTokenizer.from_pretrained(str(finished / "adapter"))
@@ -349,7 +345,8 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
-def test_interrupted_runs_resume_to_the_same_result_and_thresholds(tiny_bert, data, finished, tmp_path, monkeypatch):
+def test_interrupted_runs_resume_to_the_same_result_and_thresholds(tiny_bert_wide, data, finished, tmp_path,
+                                                                    monkeypatch):
     """Ctrl-C mid-training, and Ctrl-C while finishing (thresholds fitted, adapter not saved): each resume ends with
     the uninterrupted run's metrics and thresholds."""
     import slimtune.phases.train as phases_train
@@ -360,7 +357,7 @@ def test_interrupted_runs_resume_to_the_same_result_and_thresholds(tiny_bert, da
         raise KeyboardInterrupt
 
     for i, how in enumerate(("training", "finishing")):
-        cfg = ml_config(tiny_bert, data, tmp_path / str(i))
+        cfg = ml_config(tiny_bert_wide, data, tmp_path / str(i))
         if how == "finishing":
             monkeypatch.setattr(phases_train, "save_adapter", interrupted)
         with pytest.raises(KeyboardInterrupt):
@@ -391,14 +388,19 @@ def contract_data(tmp_path_factory) -> dict:
             "eval": str(write_jsonl(d / "eval.jsonl", topic_rows(32, 4)))}
 
 
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.xfail(
-    reason="p-tuning's train loss does not go down in 18 steps on this task yet (open)", strict=False))
-    if m == "p-tuning" else m for m in METHODS])
+# p-tuning's virtual tokens cannot change how the frozen layers read the cue words, so on these label sets its loss
+# falls only as far as the head's biases take it (ln 2 -> ~0.67, at the label frequencies), which 18 steps' batch
+# noise hides; 48 steps show it
+STEPS = {"p-tuning": 48}
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_method_contract(name, tiny_bert_wide, contract_data, tmp_path):
     """Trains (loss goes down), reloads to the same eval loss, trains as many parameters as inspect predicts,
     merges to the same outputs (thresholds in the merged config) where the method merges, or refuses as it does
     for text classification."""
-    cfg = ml_config(tiny_bert_wide, contract_data, tmp_path, max_steps=18, lr=LR.get(name, 1e-2), log_every=3)
+    cfg = ml_config(tiny_bert_wide, contract_data, tmp_path, max_steps=STEPS.get(name, 18), lr=LR.get(name, 1e-2),
+                    log_every=3)
     cfg.update(method={"name": name}, eval={"every_steps": 9, "monitor": "loss"},
                output={"dir": str(tmp_path), "name": name})
     refused = UNSUPPORTED.get((name, "text-classification"))  # the same peft task type (SEQ_CLS)
