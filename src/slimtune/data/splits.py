@@ -24,3 +24,19 @@ def split_indices(n: int, fraction: float, seed: int, labels: list | None = None
         evals += idx[:k].tolist()
         train += idx[k:].tolist()
     return sorted(train), sorted(evals)
+
+
+def subset_indices(n: int, k: int, seed: int, labels: list | None = None) -> list[int]:
+    """k of n indices, a seeded random sample; with labels, every class that k leaves room for keeps an example
+    (one random example of each class first, classes in random order, then the rest at random), so a small
+    subset of a many-class set still covers its classes."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    if labels is None or k >= n:
+        return sorted(order[:k])
+    first: dict = {}
+    for i in order:
+        first.setdefault(labels[i], i)
+    chosen = list(first.values())[:k]
+    taken = set(chosen)
+    chosen += [i for i in order if i not in taken][:k - len(chosen)]
+    return sorted(chosen)

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from ..data.readers import read_source
-from ..data.splits import split_indices
+from ..data.splits import split_indices, subset_indices
 from ..data.validate import DataReport, empty_text_warning, label_values, require_nonempty
 from .base import Batch, Task
 
@@ -61,7 +61,8 @@ def read_splits(cfg: RunConfig, stratify_column: str | None, check_columns: Call
                 f"{cfg.data.train} (column {stratify_column!r})")
 
     splits = gather_splits(cfg, read, report, carve_labels if stratify_column else None)
-    limit_samples(cfg, splits)
+    limit_samples(cfg, splits, label_values(splits.train[stratify_column], cfg.data.train, stratify_column)
+                  if stratify_column and cfg.data.max_train_samples else None)
     return splits
 
 
@@ -96,11 +97,14 @@ def gather_splits(cfg: RunConfig, read: Callable[[str, str], Any], report: DataR
     return Splits(train, evals, test, report, sources=sources)
 
 
-def limit_samples(cfg: RunConfig, splits: Splits) -> None:
-    """data.max_train_samples / max_eval_samples: a seeded random subset of each split, in place."""
+def limit_samples(cfg: RunConfig, splits: Splits, strata: list | None = None) -> None:
+    """data.max_train_samples / max_eval_samples: a seeded random subset of each split, in place. `strata`: each
+    training example's class; the training subset then keeps every class it has room for (a random 72 of 77
+    intents' examples would leave classes out, and the eval split's labels unseen)."""
     d = cfg.data
     if d.max_train_samples and len(splits.train) > d.max_train_samples:
-        splits.train = splits.train.shuffle(seed=d.split_seed).select(range(d.max_train_samples))
+        splits.train = splits.train.select(subset_indices(len(splits.train), d.max_train_samples, d.split_seed,
+                                                          strata))
     if d.max_eval_samples and len(splits.eval) > d.max_eval_samples:
         splits.eval = splits.eval.shuffle(seed=d.split_seed).select(range(d.max_eval_samples))
 

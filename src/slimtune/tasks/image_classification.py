@@ -163,7 +163,7 @@ class ImageClassification(Classification):
             table = getattr(splits, name)
             if table is not None:
                 check_unseen_labels(splits.train.labels, table.labels, splits.sources[name], d.label_column)
-        limit_samples(cfg, splits)
+        limit_samples(cfg, splits, splits.train.labels)
         labels = label_order(splits.train.labels, d.label_names)
         if len(labels) < 2:
             raise DataError(f"{d.train}: a single label {labels[0]!r}; classification needs at least 2")

@@ -235,7 +235,7 @@ class MultiLabelClassification(Task):
         # strata of one row stay in train (split_indices), so no label is too rare to split: no minimum class size
         carving = cfg.model_copy(update={"data": d.model_copy(update={"min_class_examples": 1})})
         splits = gather_splits(carving, read, report, lambda train: (_rarest(label_sets(train, cfg, d.train)), d.train))
-        limit_samples(cfg, splits)
+        limit_samples(cfg, splits, _rarest(label_sets(splits.train, cfg, d.train)) if d.max_train_samples else None)
         self._labels_and_checks(cfg, splits)
         return splits
 
