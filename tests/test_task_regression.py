@@ -466,7 +466,6 @@ def movie_snippets(sdist: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="a first real-data check whose bounds are not calibrated by a complete run yet", strict=False)
 def test_real_movie_snippet_ratings_minilm(tmp_path):
     """all-MiniLM-L6-v2 + LoRA on 1,500 human-rated movie-review sentences, two targets (mean rating and the
     raters' disagreement): the mean rating of 500 held-out sentences is predicted with Pearson r > 0.7."""

