@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _tokenizer, cls_config, sentiment_rows, write_csv
+from conftest import _tokenizer, cls_config, sentiment_rows, write_csv, write_jsonl
 from typer.testing import CliRunner
 
 from slimtune.config import ConfigError, load_config
@@ -315,9 +315,25 @@ def test_no_candidates_says_how_to_give_them(tmp_path, tiny_bert, data):
 
 # -- a decoder as a sequence classifier ----------------------------------------------------------------------------
 
-def test_a_decoder_classifier_pools_the_last_real_token(tmp_path, data):
+def _sequence_task_config(task: str, tmp_path: Path, data: dict, model: str) -> dict:
+    """The same texts as text-classification, regression (a rating per text) or multi-label (a set per text)."""
+    cfg = _config(tmp_path, data, model, max_steps=2)
+    if task == "text-classification":
+        return cfg
+    rows = sentiment_rows(32, 0)
+    for i, r in enumerate(rows):
+        r["label"] = float(i % 5) if task == "regression" else (["pos", "long"] if i % 3 else ["pos"])
+    cfg.update(task=task, data={"train": str(write_jsonl(tmp_path / f"{task}.jsonl", rows))})
+    if task == "regression":
+        cfg["data"]["target_columns"] = ["label"]
+    return cfg
+
+
+@pytest.mark.parametrize("task", ["text-classification", "regression", "multi-label-classification"])
+def test_a_decoder_classifier_pools_the_last_real_token(tmp_path, data, task):
     """A checkpoint whose pad is its EOS (as SmolLM2's): the tokenizer gets a distinct pad, and the classifier's
-    config must name that pad, else last-token pooling takes a pad position of every right-padded row."""
+    config must name that pad, else last-token pooling takes a pad position of every right-padded row; the same
+    for every task with a sequence-level head."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -332,7 +348,7 @@ def test_a_decoder_classifier_pools_the_last_real_token(tmp_path, data):
                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.eos_token_id,
                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).save_pretrained(path)
     tok.save_pretrained(path)
-    result = run(_config(tmp_path, data, str(path), max_steps=2))
+    result = run(_sequence_task_config(task, tmp_path, data, str(path)))
     loaded = load_run(result.run_dir, device="cpu")
     pad = loaded.tokenizer.pad_token_id
     assert pad != tok.eos_token_id and loaded.model.config.pad_token_id == pad

@@ -15,6 +15,7 @@ from .data.batching import eval_batches
 from .errors import OutputExists, RunNotFound
 from .loading import lengths, resolve_model, resolve_precision
 from .methods import get_method, load_adapter
+from .models import use_batch_pad
 from .tasks import get_task
 from .tasks.base import Task
 from .track import atomic, guard
@@ -60,8 +61,7 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
     else:
         load_kwargs = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     base = task.load_model(cfg, source, splits, **load_kwargs).model
-    if hasattr(base, "config") and getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
+    use_batch_pad(base, tokenizer)
     model = load_adapter(base, adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -1,2 +1,2 @@
 """Resolve a model source (Hub id, folder, GGUF file, pip-packaged offline copy) and load it."""
-from .sources import ModelError, ModelSource, load_pretrained, load_tokenizer, resolve  # noqa: F401
+from .sources import ModelError, ModelSource, load_pretrained, load_tokenizer, resolve, use_batch_pad  # noqa: F401

@@ -179,3 +179,14 @@ def load_pretrained(auto_cls, src: ModelSource, trust_remote_code: bool = False,
         _clear_quantizer_marks(model)
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
     return model, new_modules
+
+
+def use_batch_pad(model, processor) -> None:
+    """Give the model's config the pad id the batches hold (the processor's): a decoder's
+    *ForSequenceClassification pools each row's last token that is not config.pad_token_id, so a checkpoint's own
+    pad (often EOS) would pool at the wrong place once load_tokenizer picks a distinct one. Image processors have
+    no pad; then the config keeps its own."""
+    pad = getattr(processor, "pad_token_id", None)
+    config = getattr(model, "config", None)
+    if pad is not None and config is not None and getattr(config, "pad_token_id", None) != pad:
+        config.pad_token_id = pad

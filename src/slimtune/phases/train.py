@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..data.batching import eval_batches
 from ..loading import lengths
 from ..methods import MethodContext, apply_method, get_method, save_adapter
+from ..models import use_batch_pad
 from ..tasks.base import Task
 from ..track import atomic
 from ..track.rundir import git_hash, hardware, versions
@@ -93,9 +94,7 @@ def model_for_task(cfg: RunConfig, task: Task, inputs: Inputs, total_steps: int 
     load_kwargs = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     loaded = task.load_model(cfg, inputs.source, inputs.splits, **load_kwargs)
     model = loaded.model
-    tokenizer_pad = getattr(inputs.processor, "pad_token_id", None)  # image processors have none
-    if getattr(getattr(model, "config", None), "pad_token_id", None) is None and tokenizer_pad is not None:
-        model.config.pad_token_id = tokenizer_pad
+    use_batch_pad(model, inputs.processor)
     ctx = MethodContext(cfg.task, task.spec.peft_task_type, loaded.head, total_steps, sample_batches)
     model = apply_method(model, cfg.method, ctx)
     peft_cfg = getattr(model, "peft_config", {}).get("default")

@@ -163,6 +163,26 @@ def truncation_warning(report: DataReport, split: str, n_truncated: int, n: int,
 HEAD_MARGIN = 8
 
 
+def encode_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int, report: DataReport,
+                 split: str) -> dict:
+    """The tokenizer's encoding of (pairs of) texts cut to max_length, and the split's truncated count in the
+    report. Only heads are tokenized (head_texts): a cut text holds more than max_length tokens, so it is counted
+    as truncated; of the others only those that reach max_length can have been, and just those are tokenized
+    again whole."""
+    texts, cut = head_texts(tokenizer, texts, max_length + HEAD_MARGIN)
+    if pairs is not None:
+        pairs, pair_cut = head_texts(tokenizer, pairs, max_length + HEAD_MARGIN)
+        cut = [a or b for a, b in zip(cut, pair_cut)]
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length and not cut[i]]
+    n_trunc = sum(cut)
+    if at_max:
+        full = tokenizer([texts[i] for i in at_max], [pairs[i] for i in at_max] if pairs else None)["input_ids"]
+        n_trunc += sum(len(x) > max_length for x in full)
+    truncation_warning(report, split, n_trunc, len(texts), max_length)
+    return enc
+
+
 def head_texts(tokenizer, texts: list[str], n_tokens: int) -> tuple[list[str], list[bool]]:
     """Each text cut to a head holding at least `n_tokens` tokens, or left whole; and whether it was cut.
 

@@ -23,8 +23,8 @@ from ..data.validate import (DataReport, empty_text_warning, imbalance_warning, 
                              text_warnings)
 from . import TASKS
 from .base import Batch, Example, LoadedModel, Task
-from .common import (HEAD_MARGIN, Splits, gather_splits, head_texts, label_order, limit_samples, sequence_count,
-                     sequence_label_collate, truncation_warning)
+from .common import (HEAD_MARGIN, Splits, encode_texts, gather_splits, head_texts, label_order, limit_samples,
+                     sequence_count, sequence_label_collate)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -289,10 +289,12 @@ class MultiLabelClassification(Task):
         return LoadedModel(model, head, head_is_new=bool(new_modules))
 
     def featurize(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: Splits) -> dict[str, list[Example]]:
-        labels = splits.meta["labels"]
+        d, labels = cfg.data, splits.meta["labels"]
         out = {}
         for name, ds in splits.present():
-            enc = _encode(cfg, tokenizer, ds, splits.report, name)
+            pairs = _texts(ds, d.text_pair_column) if d.text_pair_column else None
+            enc = encode_texts(tokenizer, _texts(ds, d.text_column), pairs, cfg.model.max_length, splits.report,
+                               name)
             hot = _multi_hot(label_sets(ds, cfg, splits.sources.get(name, name)), labels)
             out[name] = [{"input_ids": ids, "attention_mask": am, "labels": y}
                          for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], hot)]
@@ -365,26 +367,6 @@ class MultiLabelClassification(Task):
                 results.append({"text": text, "labels": chosen, "label": ", ".join(chosen), "score": float(p[order[0]]),
                                 "probabilities": {labels[j]: float(p[j]) for j in order}})
         return results
-
-
-def _encode(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, ds, report: DataReport, split: str) -> dict:
-    """Token ids of a split's texts (and pairs); the truncated share goes into the report. Only heads are
-    tokenized (a cut head holds more than max_length tokens, so it is truncated)."""
-    d, max_length = cfg.data, cfg.model.max_length
-
-    first, cut = head_texts(tokenizer, _texts(ds, d.text_column), max_length + HEAD_MARGIN)
-    pairs = None
-    if d.text_pair_column:
-        pairs, pair_cut = head_texts(tokenizer, _texts(ds, d.text_pair_column), max_length + HEAD_MARGIN)
-        cut = [a or b for a, b in zip(cut, pair_cut)]
-    enc = tokenizer(first, pairs, truncation=True, max_length=max_length)
-    at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length and not cut[i]]
-    n_trunc = sum(cut)
-    if at_max:  # of the others, only those that reached max_length can have been truncated
-        full = tokenizer([first[i] for i in at_max], [pairs[i] for i in at_max] if pairs else None)["input_ids"]
-        n_trunc += sum(len(x) > max_length for x in full)
-    truncation_warning(report, split, n_trunc, len(first), max_length)
-    return enc
 
 
 TASK = MultiLabelClassification()

@@ -18,8 +18,7 @@ from ..data.validate import DataReport, require_columns, require_nonempty, text_
 from ..errors import DataError, ModelError
 from . import TASKS
 from .base import Batch, Example, LoadedModel, LossHooks, Task
-from .common import (HEAD_MARGIN, Splits, head_texts, read_splits, sequence_count, sequence_label_collate,
-                     truncation_warning)
+from .common import (HEAD_MARGIN, Splits, encode_texts, head_texts, read_splits, sequence_count, sequence_label_collate)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -242,7 +241,7 @@ class Regression(Task):
         out = {}
         for name, ds in splits.present():
             pairs = _texts(ds, d.text_pair_column) if d.text_pair_column else None
-            enc = _encode(tokenizer, _texts(ds, d.text_column), pairs, cfg.model.max_length, splits.report, name)
+            enc = encode_texts(tokenizer, _texts(ds, d.text_column), pairs, cfg.model.max_length, splits.report, name)
             z = (parse_targets(ds, splits.meta["targets"], splits.sources.get(name, name)) - mean) / std
             # "targets", not "labels": a list under "labels" is per token to the sequence-length schedule's cut
             out[name] = [{"input_ids": ids, "attention_mask": am, "targets": [float(v) for v in row]}
@@ -318,25 +317,6 @@ class Regression(Task):
             values = (model(**enc).logits.float().view(len(chunk), -1) * std + mean).cpu().tolist()
             results += [{"text": t, "predictions": dict(zip(targets, v))} for t, v in zip(chunk, values)]
         return results
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int,
-            report: DataReport, split: str) -> dict:
-    """Tokenized (pairs of) texts cut to max_length; the truncated share goes into the report. Only heads are
-    tokenized (common.head_texts): a cut text holds more than max_length tokens, so it is truncated."""
-    texts, cut = head_texts(tokenizer, texts, max_length + HEAD_MARGIN)
-    if pairs is not None:
-        pairs, pair_cut = head_texts(tokenizer, pairs, max_length + HEAD_MARGIN)
-        cut = [a or b for a, b in zip(cut, pair_cut)]
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    # of the others, only examples that hit max_length can have been truncated: re-tokenize just those
-    at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length and not cut[i]]
-    n_trunc = sum(cut)
-    if at_max:
-        full = tokenizer([texts[i] for i in at_max], [pairs[i] for i in at_max] if pairs else None)["input_ids"]
-        n_trunc += sum(len(x) > max_length for x in full)
-    truncation_warning(report, split, n_trunc, len(texts), max_length)
-    return enc
 
 
 TASK = Regression()

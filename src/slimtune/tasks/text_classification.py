@@ -10,8 +10,8 @@ from ..data.validate import (check_unseen_labels, imbalance_warning, label_value
                              text_warnings)
 from . import TASKS
 from .base import Batch, Example, LoadedModel
-from .common import (HEAD_MARGIN, Classification, Splits, head_texts, label_order, ranked_labels, read_splits,
-                     sequence_count, sequence_label_collate, truncation_warning)
+from .common import (HEAD_MARGIN, Classification, Splits, encode_texts, head_texts, label_order, ranked_labels,
+                     read_splits, sequence_count, sequence_label_collate)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -73,16 +73,14 @@ class TextClassification(Classification):
     def load_model(self, cfg: RunConfig, source: ModelSource, splits: Splits, **load_kwargs) -> LoadedModel:
         from transformers import AutoModelForSequenceClassification
 
-        from ..models import load_pretrained, load_tokenizer
+        from ..models import load_pretrained
 
         labels = splits.meta["labels"]
-        # a decoder's *ForSequenceClassification pools each row's last token that is not config.pad_token_id: it
-        # must be the pad the batches hold (load_tokenizer's, distinct from EOS), not the checkpoint's (often EOS)
-        pad = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision).pad_token_id
+        # the pad the batches hold goes into the config where the model is built for them (models.use_batch_pad)
         model, new_modules = load_pretrained(
             AutoModelForSequenceClassification, source, cfg.model.trust_remote_code, cfg.model.revision,
             num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-            **({"pad_token_id": pad} if pad is not None else {}), **load_kwargs,
+            **load_kwargs,
         )
         # the head is whatever from_pretrained had to initialise (classifier / score), trained in full; a
         # classifier checkpoint's own head is not new (no fast-head default lr)
@@ -93,23 +91,10 @@ class TextClassification(Classification):
     def featurize(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, splits: Splits) -> dict[str, list[Example]]:
         d = cfg.data
         label_id = {lab: i for i, lab in enumerate(splits.meta["labels"])}
-        max_length = cfg.model.max_length
         out = {}
         for name, ds in splits.present():
-            # only heads are tokenized: a cut text holds more than max_length tokens, so it is truncated
-            texts, cut = head_texts(tokenizer, _texts(ds, d.text_column), max_length + HEAD_MARGIN)
-            pairs = None
-            if d.text_pair_column:
-                pairs, pair_cut = head_texts(tokenizer, _texts(ds, d.text_pair_column), max_length + HEAD_MARGIN)
-                cut = [a or b for a, b in zip(cut, pair_cut)]
-            enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-            # of the others, only examples that hit max_length can have been truncated: re-tokenize just those
-            at_max = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length and not cut[i]]
-            n_trunc = sum(cut)
-            if at_max:
-                full = tokenizer([texts[i] for i in at_max], [pairs[i] for i in at_max] if pairs else None)["input_ids"]
-                n_trunc += sum(len(x) > max_length for x in full)
-            truncation_warning(splits.report, name, n_trunc, len(texts), max_length)
+            pairs = _texts(ds, d.text_pair_column) if d.text_pair_column else None
+            enc = encode_texts(tokenizer, _texts(ds, d.text_column), pairs, cfg.model.max_length, splits.report, name)
             labels = [label_id.get(lab, -1) for lab in _labels(ds, d.label_column)]
             out[name] = [
                 {"input_ids": ids, "attention_mask": am, "labels": y}
