@@ -96,6 +96,31 @@ def test_generation_at_the_end_with_the_best_checkpoint(tiny_llama, tmp_path):
     assert not any("eval_gen_rouge_l" in r for r in recs if r["type"] == "eval")
 
 
+def test_eval_generates_for_another_file_as_the_run_did(tiny_llama, tmp_path):
+    """`slimtune eval` on a chat run: with the run's eval.generate it generates for the file's first records and
+    reproduces the replies and scores the run wrote with its best checkpoint (the same records, the saved
+    adapter); --generate N asks for N, 0 for none, --generations keeps the replies."""
+    rows = chat_rows(96)
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", rows[:80])),
+             "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[80:]))}
+    cfg = gen_cfg(tiny_llama, tmp_path, "eval-cli", metrics=["exact_match", "rouge_l"])
+    cfg["data"] = files
+    res = slimtune.run(cfg)
+    written = [json.loads(x) for x in (res.run_dir / "generations.jsonl").read_text().splitlines()]
+    out = tmp_path / "replies.jsonl"
+    cli = runner.invoke(app, ["eval", str(res.run_dir), "--data", files["eval"], "--generations", str(out)])
+    assert cli.exit_code == 0, cli.output
+    got = json.loads(cli.stdout)
+    assert got["gen_rouge_l"] == pytest.approx(res.summary["best"]["gen_rouge_l"], abs=1e-6)
+    assert got["gen_exact_match"] == pytest.approx(res.summary["best"]["gen_exact_match"], abs=1e-6)
+    replies = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["output"] for r in replies] == [w["output"] for w in written]
+    assert [r["reference"] for r in replies] == [r["messages"][1]["content"] for r in rows[80:86]]
+    fewer = slimtune.evaluate(res.run_dir, files["eval"], generate=2, generations=out)
+    assert len(out.read_text().splitlines()) == 2 and "gen_rouge_l" in fewer
+    assert not any(k.startswith("gen_") for k in slimtune.evaluate(res.run_dir, files["eval"], generate=0))
+
+
 def test_generation_config_errors(tiny_llama, tmp_path):
     cfg = gen_cfg(tiny_llama, tmp_path, "x")
     cfg["eval"]["monitor"] = "gen_chrf"  # computed only at the end by default
@@ -110,6 +135,12 @@ def test_generation_config_errors(tiny_llama, tmp_path):
            "eval": {"generate": {}}}
     with pytest.raises(ConfigError, match="eval.generate: task 'text-classification' does not generate text"):
         load_config(cls)
+    from slimtune.finished import _generate_config
+    from slimtune.tasks import get_task
+
+    cls.pop("eval")
+    with pytest.raises(ConfigError, match="--generate: a text-classification run does not generate text"):
+        _generate_config(load_config(cls), get_task("text-classification"), 2)
     text = tmp_path / "corpus.txt"
     text.write_text("the movie was good and the story was nice\n\n" * 200)
     cfg = gen_cfg(tiny_llama, tmp_path, "txt")

@@ -49,12 +49,18 @@ def run(
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder"),
           data: str = typer.Option(..., "--data", help="data file with the training columns"),
+          generate: Optional[int] = typer.Option(None, "--generate", help="causal-lm: generate replies to the "
+                                                 "first N records and score them (default: the run's eval.generate; "
+                                                 "0: none)"),
+          generations: Optional[Path] = typer.Option(None, "--generations", help="causal-lm: write the generated "
+                                                     "replies here (JSONL)"),
           trust_run_code: bool = trust_option()):
     """Metrics of a run's adapter on another data file."""
     from . import api
 
     with exit_on_user_error():
-        metrics = api.evaluate(run_dir, data, trust_run_code=trust_run_code)
+        metrics = api.evaluate(run_dir, data, trust_run_code=trust_run_code, generate=generate,
+                               generations=generations)
     out.print_json(json.dumps(metrics))
 
 

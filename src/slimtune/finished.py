@@ -3,6 +3,7 @@
 The folder is untrusted input: a model that would run code needs `trust_run_code` (track/guard.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -68,8 +69,11 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
     return LoadedRun(cfg, meta, model, tokenizer, task)
 
 
-def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trust_run_code: bool = False) -> dict:
-    """Metrics of a finished run's adapter on another data file (same columns as training)."""
+def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trust_run_code: bool = False,
+             generate: int | None = None, generations: str | Path | None = None) -> dict:
+    """Metrics of a finished run's adapter on another data file (same columns as training). A causal-lm run also
+    generates replies to the first records and scores them (gen_<metric>) as its eval.generate says, or to the
+    first `generate` records with those settings (0: none); `generations`: a JSONL file for the replies."""
     from .data.validate import DataReport
     from .tasks.common import Splits
     from .train.loop import eval_parts
@@ -83,16 +87,53 @@ def evaluate(run_dir: str | Path, data: str, batch_size: int | None = None, trus
     bs = batch_size or cfg.eval.batch_size or 2 * cfg.train.batch_size
     device = next(loaded.model.parameters()).device
     prec = resolve_precision(cfg.train.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else None
-    import contextlib
-
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" \
+        else contextlib.nullcontext
     parts = eval_parts(loaded.model, task, task.collate(loaded.tokenizer), examples,
-                       eval_batches(lengths(examples), bs), device, autocast or contextlib.nullcontext)
+                       eval_batches(lengths(examples), bs), device, autocast)
     wanted = cfg.eval.metrics or task.spec.default_metrics
     metrics = task.compute_metrics(parts, wanted, len(loaded.meta.get("labels", [])))
+    gen = _generate_config(cfg, task, generate)
+    if gen is not None:
+        with autocast():
+            metrics.update(_generated(loaded, Splits(None, ds, None, DataReport(), meta=loaded.meta,
+                                                     sources={"eval": data}), gen, generations))
     for w in splits.report.warnings:
         print(f"[data warning] {w}", file=sys.stderr)
     return {"data": data, "examples": len(examples), **metrics}
+
+
+def _generate_config(cfg: RunConfig, task: Task, generate: int | None):
+    """The run's eval.generate with `generate` examples where given; None where nothing is generated."""
+    from .config.sections import GenerateConfig
+    from .errors import ConfigError
+
+    if generate is not None and not task.spec.generates:
+        if generate:
+            raise ConfigError(f"--generate: a {cfg.task} run does not generate text; only causal-lm runs do")
+        return None
+    if generate == 0:
+        return None
+    gen = cfg.eval.generate
+    if generate is None:
+        return gen
+    return (gen or GenerateConfig()).model_copy(update={"examples": generate})
+
+
+def _generated(loaded: LoadedRun, splits, gen, out: str | Path | None) -> dict:
+    """gen_<metric> of replies generated for the records' prompts; the replies to `out` as JSONL."""
+    from .tasks.chat_encoding import end_of_turn_ids
+    from .tasks.generation import check_metric_libraries, generate_batch, scored_rows
+
+    check_metric_libraries(list(gen.metrics))
+    prompts = loaded.task.generation_prompts(loaded.cfg, loaded.tokenizer, splits, gen.examples)
+    outs = generate_batch(loaded.model, loaded.tokenizer, [p["prompt_ids"] for p in prompts], gen.max_new_tokens,
+                          end_of_turn_ids(loaded.tokenizer), gen.batch_size, gen.do_sample)
+    total, rows = scored_rows(loaded.tokenizer, prompts, [(i, ids, stop) for i, (ids, stop) in enumerate(outs)],
+                              list(gen.metrics))
+    if out is not None:
+        atomic.write_text(Path(out), "".join(json.dumps(r) + "\n" for r in rows))
+    return {f"gen_{k}": v for k, v in total.items()}
 
 
 def predict(run_dir: str | Path, inputs: list[str], trust_run_code: bool = False, **kwargs) -> list[dict]:

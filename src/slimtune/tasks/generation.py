@@ -94,3 +94,15 @@ def score(outputs: list[str], references: list[str], metrics: list[str]) -> tupl
             p["exact_match"] = float(normalize_answer(o) == normalize_answer(r))
         total["exact_match"] = sum(p["exact_match"] for p in per) / max(len(per), 1)
     return {m: total[m] for m in metrics}, per
+
+
+def scored_rows(tokenizer: PreTrainedTokenizerBase, prompts: list[dict], outs: list[tuple[int, list[int], bool]],
+                metrics: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """(corpus scores, one generations.jsonl row per reply) of generated (prompt index, ids, stopped?) against
+    the prompts' references: the rows hold index, prompt, reference, output, finish_reason and scores."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids, _ in outs]
+    total, per = score(texts, [prompts[i]["reference"] for i, _, _ in outs], metrics)
+    rows = [{"index": i, "prompt": prompts[i]["prompt"], "reference": prompts[i]["reference"], "output": text,
+             "finish_reason": "stop" if stopped else "length", "scores": s}
+            for (i, _, stopped), text, s in zip(outs, texts, per)]
+    return total, rows

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..tasks.chat_encoding import end_of_turn_ids
-from ..tasks.generation import check_metric_libraries, generate_batch, score
+from ..tasks.generation import check_metric_libraries, generate_batch, scored_rows
 from . import checkpoint
 from .callbacks import Callback
 
@@ -67,14 +67,8 @@ class GenerationEval(Callback):
         if acc.num_processes > 1:
             rows = gather_object(rows)
         rows.sort(key=lambda r: r[0])
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids, _ in rows]
-        refs = [self.prompts[i]["reference"] for i, _, _ in rows]
-        total, per = score(texts, refs, list(self.gen.metrics))
+        total, scored = scored_rows(self.tokenizer, self.prompts, rows, list(self.gen.metrics))
         if self.main:
-            for (i, _, stopped), text, s in zip(rows, texts, per):
-                p = self.prompts[i]
-                self.lines.append(json.dumps({"step": step, "index": i, "prompt": p["prompt"],
-                                              "reference": p["reference"], "output": text,
-                                              "finish_reason": "stop" if stopped else "length", "scores": s}))
+            self.lines += [json.dumps({"step": step, **row}) for row in scored]
             self.files.write_text(FILE, "\n".join(self.lines) + "\n")
         return {f"gen_{k}": v for k, v in total.items()}
