@@ -108,16 +108,13 @@ def _generate_config(cfg: RunConfig, task: Task, generate: int | None):
     from .config.sections import GenerateConfig
     from .errors import ConfigError
 
-    if generate is not None and not task.spec.generates:
-        if generate:
-            raise ConfigError(f"--generate: a {cfg.task} run does not generate text; only causal-lm runs do")
-        return None
     if generate == 0:
         return None
-    gen = cfg.eval.generate
+    if generate and not task.spec.generates:
+        raise ConfigError(f"--generate: a {cfg.task} run does not generate text; only causal-lm runs do")
     if generate is None:
-        return gen
-    return (gen or GenerateConfig()).model_copy(update={"examples": generate})
+        return cfg.eval.generate  # only a generating task's config may hold one (config/run.py)
+    return (cfg.eval.generate or GenerateConfig()).model_copy(update={"examples": generate})
 
 
 def _generated(loaded: LoadedRun, splits, gen, out: str | Path | None) -> dict:
