@@ -74,7 +74,8 @@ def build_model(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batche
                       f"method: {cfg.method.name}  trainable: {trainable:,} / {total:,} ({trainable / total:.2%})  "
                       f"precision: {precision}")
     groups = split_groups(model)
-    lr_scale, mults = param_lr_scale(cfg, get_method(cfg.method.name), groups, None if setup.legacy else new_head)
+    lr_scale, mults = param_lr_scale(cfg, get_method(cfg.method.name), groups, None if setup.legacy else new_head,
+                                     setup.task.spec.new_head_lr_mult)
     if accelerator.is_main_process:
         folder.files.write_json("param_groups.json", {
             "groups": groups.names, "lr_multipliers": mults, "note": groups.note,

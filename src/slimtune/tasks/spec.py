@@ -22,6 +22,8 @@ class TaskSpec:
     # the randomly initialised head trains at its own, faster default lr (train/optim.py default_head_lr);
     # chosen per task from measurements (benchmarks/RESULTS.md, "The new head's learning rate")
     fast_new_head: bool = False
+    # how many times train.lr that head's default rate is (at most train/optim.py HEAD_LR_MAX, never below lr)
+    new_head_lr_mult: float = 10.0
     has_head: bool = True  # a new output layer sized to the labels (classification), trained in full
     # a sequence-length schedule cuts examples but keeps their last token (a classifier's [SEP] / EOS)
     keep_last_token: bool = False

@@ -59,13 +59,13 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 HEAD_LR_MULT, HEAD_LR_MAX = 10.0, 2e-2
 
 
-def default_head_lr(lr: float) -> float:
-    """The lr of a newly initialised text-classification head when train.head_lr is not set: 10x train.lr, at most 2e-2
-    (the linear-probe rate of the method table, `head-only`), never below train.lr. A head that starts
+def default_head_lr(lr: float, mult: float = HEAD_LR_MULT) -> float:
+    """The lr of a newly initialised head when train.head_lr is not set: `mult` x train.lr (the task's; 10 by default),
+    at most 2e-2 (the linear-probe rate of the method table, `head-only`), never below train.lr. A head that starts
     from random weights at the adapters' rate learns too slowly: the adapters then reshape the features
     for a head that barely moves, and small imbalanced runs collapse onto the majority classes
     (benchmarks/RESULTS.md, bench_transfer: Banking77 66.5 -> 87.8% test accuracy; SST-2 unchanged)."""
-    return max(lr, min(HEAD_LR_MULT * lr, HEAD_LR_MAX))
+    return max(lr, min(mult * lr, HEAD_LR_MAX))
 
 
 def is_head_param(name: str, head: list[str]) -> bool:
@@ -73,16 +73,17 @@ def is_head_param(name: str, head: list[str]) -> bool:
     return any(f".{h}." in dotted for h in head)
 
 
-def param_lr_scale(cfg, method, groups, head: list[str] | None = None):
+def param_lr_scale(cfg, method, groups, head: list[str] | None = None, head_lr_mult: float = HEAD_LR_MULT):
     """Per-parameter (group, lr multiplier): layer-wise / discriminative rates composed with the method's own
-    (LoRA+), and the rate of a newly initialised head (`head`: its module names)."""
+    (LoRA+), and the rate of a newly initialised head (`head`: its module names; `head_lr_mult`: the task's
+    TaskSpec.new_head_lr_mult)."""
     t = cfg.train
     mults = None
     if t.layer_decay is not None or t.lr_ratio_min is not None or t.head_lr is not None:
         mults = lr_multipliers(groups, t.layer_decay, t.lr_ratio_min, t.head_lr / t.lr if t.head_lr else None)
     # the new head's default rate (train.head_lr unset): its own parameters only, not the pooler / final
     # norm / soft prompts that share the top group
-    head_mult = default_head_lr(t.lr) / t.lr if head and t.head_lr is None else 1.0
+    head_mult = default_head_lr(t.lr, head_lr_mult) / t.lr if head and t.head_lr is None else 1.0
 
     def scale(name):
         g, m = None, 1.0
