@@ -12,8 +12,8 @@ test.csv; each message is used once. The derived files go to a temporary folder,
 
 Variants, each in its own subprocess, one at a time (run the script under `flock /tmp/slimtune-bench.lock`):
   slimtune        slimtune.run() with its defaults (LoRA r 8 / alpha 16 / dropout 0.05 on the block linears, lr 5e-4
-                  and 40x (2e-2) for the new head, its bias at the label priors, batch 16, 3 epochs, warmup 6%, linear decay, length-grouped batches,
-                  best epoch by eval micro_f1), only model.max_length set
+                  and 40x (2e-2) for the new head, its bias at the label priors, batch 16, 3 epochs, warmup 6%,
+                  linear decay, length-grouped batches, best epoch by eval micro_f1), only model.max_length set
   hf-default      Trainer + peft LoRA, the same LoRA config, lr, batch, epochs, warmup steps, schedule, weight decay,
                   clipping and precision; one lr for everything, random order; the final weights
   hf-grouped      as hf-default with train_sampling_strategy="group_by_length"
