@@ -138,7 +138,7 @@ def test_a_run_saved_before_the_head_default_resumes_as_it_started(tiny_bert, cl
     from slimtune.tasks.text_classification import TextClassification
 
     cfg = cls_config(tiny_bert, cls_data, tmp_path, max_steps=6, log_every=1)
-    no_fast_head = dataclasses.replace(TextClassification.spec, fast_new_head=False)  # as the code was then
+    no_fast_head = dataclasses.replace(TextClassification.spec, new_head_lr_mult=1.0)  # as the code was then
     monkeypatch.setattr(TextClassification, "spec", no_fast_head)  # the task and the registry hold the same spec
     monkeypatch.setitem(TASKS, "text-classification", no_fast_head)
     with pytest.raises(KeyboardInterrupt):

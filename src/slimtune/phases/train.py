@@ -101,7 +101,7 @@ def model_for_task(cfg: RunConfig, task: Task, inputs: Inputs, total_steps: int 
     peft_cfg = getattr(model, "peft_config", {}).get("default")
     if peft_cfg is not None:  # the id the ecosystem loads the base from, not a site-packages path
         peft_cfg.base_model_name_or_path = inputs.source.hub_id or inputs.source.path
-    fast = task.spec.fast_new_head and loaded.head_is_new and cfg.method.name != "head-only"
+    fast = task.spec.new_head_lr_mult > 1 and loaded.head_is_new and cfg.method.name != "head-only"
     return model, list(loaded.head) if fast else []
 
 

@@ -16,10 +16,10 @@ _MULTI_LABEL = ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "tuned_
 _REGRESSION = ("rmse", "mae", "r2", "pearson", "spearman", "loss")
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    # fast_new_head: the small pooled text features need a 10x head rate (benchmarks/RESULTS.md, "The new head's
+    # new_head_lr_mult: the small pooled text features need a 10x head rate (benchmarks/RESULTS.md, "The new head's
     # learning rate"); images' do not (same file, bench_vision)
     TaskSpec("text-classification", "slimtune.tasks.text_classification", _CLASSIFICATION, _CLASSIFICATION,
-             "accuracy", "samples", "SEQ_CLS", "tokens", fast_new_head=True, keep_last_token=True,
+             "accuracy", "samples", "SEQ_CLS", "tokens", new_head_lr_mult=10.0, keep_last_token=True,
              auto_model="AutoModelForSequenceClassification"),
     TaskSpec("causal-lm", "slimtune.tasks.causal_lm", ("loss", "perplexity"), ("loss", "perplexity"),
              "loss", "tokens", "CAUSAL_LM", "tokens", has_head=False, packing=True, generates=True,
@@ -27,10 +27,10 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     # peft_task_type None: peft's plain PeftModel, the model's own forward (pixel_values, labels)
     TaskSpec("image-classification", "slimtune.tasks.image_classification",
              _CLASSIFICATION + ("top2_accuracy", "top3_accuracy", "top5_accuracy"), _CLASSIFICATION,
-             "accuracy", "samples", None, "images", fast_new_head=False),
+             "accuracy", "samples", None, "images"),
     # float targets, standardised for training; the head gets the new-head rate as text-classification's does
     TaskSpec("regression", "slimtune.tasks.regression", _REGRESSION, _REGRESSION, "rmse", "samples", "SEQ_CLS",
-             "tokens", fast_new_head=True, keep_last_token=True, lower_is_better=frozenset({"rmse", "mae", "loss"}),
+             "tokens", new_head_lr_mult=10.0, keep_last_token=True, lower_is_better=frozenset({"rmse", "mae", "loss"}),
              auto_model="AutoModelForSequenceClassification", losses=("mse", "huber"), target_columns=True),
     # one tag per word: entity-level f1 / precision / recall (seqeval, micro), word accuracy
     TaskSpec("token-classification", "slimtune.tasks.token_classification",
@@ -42,7 +42,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     # 40x (2e-2 at lr 5e-4): a sigmoid per label needs large logits where softmax needs only their differences; at
     # 10x, 12 / 40 Banking77 intents end with every probability under 0.5 (benchmarks/RESULTS.md, multi-label)
     TaskSpec("multi-label-classification", "slimtune.tasks.multi_label", _MULTI_LABEL, _MULTI_LABEL, "micro_f1",
-             "samples", "SEQ_CLS", "tokens", fast_new_head=True, new_head_lr_mult=40.0, keep_last_token=True,
+             "samples", "SEQ_CLS", "tokens", new_head_lr_mult=40.0, keep_last_token=True,
              auto_model="AutoModelForSequenceClassification"),
 )}
 

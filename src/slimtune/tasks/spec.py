@@ -19,11 +19,10 @@ class TaskSpec:
     throughput_unit: Literal["samples", "tokens"]  # the progress bar's and the summary's speed
     peft_task_type: str | None  # peft's TaskType (None: the plain PeftModel, the model's own forward)
     inputs: Literal["tokens", "images"]  # tokens: model.max_length, sequence-length schedules, FLOPs ~ tokens x weights
-    # the randomly initialised head trains at its own, faster default lr (train/optim.py default_head_lr);
-    # chosen per task from measurements (benchmarks/RESULTS.md, "The new head's learning rate")
-    fast_new_head: bool = False
-    # how many times train.lr that head's default rate is (at most train/optim.py HEAD_LR_MAX, never below lr)
-    new_head_lr_mult: float = 10.0
+    # a randomly initialised head's default lr as a multiple of train.lr (train/optim.py default_head_lr: at most
+    # HEAD_LR_MAX, never below lr); 1: the adapters' rate. Chosen per task from measurements (benchmarks/RESULTS.md,
+    # "The new head's learning rate", "The multi-label head's defaults")
+    new_head_lr_mult: float = 1.0
     has_head: bool = True  # a new output layer sized to the labels (classification), trained in full
     # a sequence-length schedule cuts examples but keeps their last token (a classifier's [SEP] / EOS)
     keep_last_token: bool = False
