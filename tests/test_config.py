@@ -221,9 +221,15 @@ def test_method_default_lr_applies_only_when_lr_is_not_set(tmp_path):
     from slimtune.config import dump_config
     from slimtune.methods import REGISTRY
 
-    assert load_config(base()).train.lr == pytest.approx(5e-4)  # LoRA: the train default
+    # LoRA has no rate of its own: the task's, 2e-3 with a new head, 5e-4 for a causal LM
+    assert REGISTRY["lora"].default_lr is None
+    for task in ("text-classification", "regression", "multi-label-classification", "token-classification",
+                 "image-classification"):
+        assert load_config(base(task)).train.lr == pytest.approx(2e-3), task
+    assert load_config(base("causal-lm")).train.lr == pytest.approx(5e-4)
+    assert load_config(base("causal-lm", method={"name": "dora"})).train.lr == pytest.approx(5e-4)
     probe = REGISTRY["head-only"].default_lr
-    assert probe is not None and probe > 5e-4
+    assert probe is not None and probe > 2e-3
     assert load_config(base(method={"name": "head-only"})).train.lr == pytest.approx(probe)
     assert load_config(base(method={"name": "full"})).train.lr < 5e-4
     # set in the config, in an override or in another train key's presence: the user's value wins

@@ -23,7 +23,7 @@ from conftest import cls_config
 from sweep_plans import sweep_plan
 
 runner = CliRunner(env={"COLUMNS": "200"})
-TRAIN_DEFAULT_LR = 5e-4  # TrainConfig.lr: the LoRA family's rate (lora has no default_lr of its own)
+TRAIN_DEFAULT_LR = 2e-3  # text-classification's TaskSpec.default_lr: the LoRA family's rate (lora has none of its own)
 
 
 def flat(text: str) -> str:
@@ -38,8 +38,8 @@ def small(**sections) -> dict:
 
 @pytest.mark.parametrize("base_method", ["ia3", "lora"])
 def test_each_trial_gets_its_own_methods_default_lr(base_method):
-    """No train.lr in the config (but a train section): a trial of lora gets 5e-4 and one of ia3 gets ia3's 1e-2,
-    whichever method the base config names; the base config does not carry the loaded method's default."""
+    """No train.lr in the config (but a train section): a trial of lora gets the task's 2e-3 and one of ia3 gets
+    ia3's 1e-2, whichever method the base config names; the base config does not carry the loaded method's default."""
     assert REGISTRY["ia3"].default_lr == pytest.approx(1e-2) and REGISTRY["lora"].default_lr is None
     cfg = load_config(small(method={"name": base_method}, train={"epochs": 1},
                             sweep={"params": {"method.name": ["lora", "ia3"]}, "trials": 2}))

@@ -52,11 +52,12 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _method_default_lr(self) -> RunConfig:
-        """No `train.lr` in the config: the method's own default (methods/*.py `default_lr`)."""
+        """No `train.lr` in the config: the method's own default (methods/*.py `default_lr`), else the task's
+        (tasks/spec.py `default_lr`: the LoRA family's rate differs between a new head's tasks and causal LMs)."""
         if "lr" not in self.train.model_fields_set:
             from ..methods import REGISTRY
 
-            lr = REGISTRY[self.method.name].default_lr
+            lr = REGISTRY[self.method.name].default_lr or task_spec(self.task).default_lr
             if lr is not None:
                 self.train.lr = lr
                 # filled in, not given: `lr` stays out of the fields the user set, so a dump with exclude_unset

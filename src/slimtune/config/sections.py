@@ -166,10 +166,9 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="number of optimizer steps; overrides epochs")
     batch_size: int = Field(16, ge=1, description="examples per device per forward pass")
     grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW); when not set, the method's default: 5e-4 "
-        "for "
-                      "the LoRA family, larger for vector / probe methods, smaller for full fine-tuning (README, "
-                          "Methods)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW); when not set, the method's default: for "
+                      "the LoRA family 2e-3 (5e-4 for causal-lm), larger for vector / probe methods, smaller for full "
+                      "fine-tuning (README, Methods)")
     schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="learning-rate decay after warmup")
     warmup: float = Field(0.06, ge=0, description="warmup: a fraction of all steps if < 1, else a number of steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms)")

@@ -47,7 +47,8 @@ class Method:
     merge_load_kwargs: Callable[[Any], dict] | None = None
     check_environment: Callable[[Any], None] | None = None
     before_save: Callable[[Any, Any], dict] | None = None  # -> extra save_pretrained kwargs
-    # train.lr when the config sets none; None: TrainConfig's default (5e-4, right for the LoRA family).
+    # train.lr when the config sets none; None: the task's (TaskSpec.default_lr: 2e-3 with a new head, 5e-4 for a
+    # causal LM; right for the LoRA family, benchmarks/grid_lora_lr.py).
     # Families whose parameters move the output far less per unit of lr (vectors, zero-initialised factors,
     # a probe) need larger rates; full fine-tuning needs smaller ones (benchmarks/bench_methods.py measured them).
     default_lr: float | None = None

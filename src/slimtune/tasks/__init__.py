@@ -23,7 +23,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              auto_model="AutoModelForSequenceClassification"),
     TaskSpec("causal-lm", "slimtune.tasks.causal_lm", ("loss", "perplexity"), ("loss", "perplexity"),
              "loss", "tokens", "CAUSAL_LM", "tokens", has_head=False, packing=True, generates=True,
-             auto_model="AutoModelForCausalLM"),
+             auto_model="AutoModelForCausalLM", default_lr=5e-4),
     # peft_task_type None: peft's plain PeftModel, the model's own forward (pixel_values, labels)
     TaskSpec("image-classification", "slimtune.tasks.image_classification",
              _CLASSIFICATION + ("top2_accuracy", "top3_accuracy", "top5_accuracy"), _CLASSIFICATION,
@@ -39,8 +39,9 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              auto_model="AutoModelForTokenClassification"),
     # label sets, one sigmoid per label; micro_f1 monitors (stable on small eval splits, where one example swings a
     # rare label's F1 between 0 and 1); tuned_*: at the per-label thresholds fitted on the eval split. The head at
-    # 40x (2e-2 at lr 5e-4): a sigmoid per label needs large logits where softmax needs only their differences; at
-    # 10x, 12 / 40 Banking77 intents end with every probability under 0.5 (benchmarks/RESULTS.md, multi-label)
+    # 40x (2e-2, the cap, at lr 5e-4 and above): a sigmoid per label needs large logits where softmax needs only
+    # their differences; at 10x, 12 / 40 Banking77 intents end with every probability under 0.5
+    # (benchmarks/RESULTS.md, multi-label)
     TaskSpec("multi-label-classification", "slimtune.tasks.multi_label", _MULTI_LABEL, _MULTI_LABEL, "micro_f1",
              "samples", "SEQ_CLS", "tokens", new_head_lr_mult=40.0, keep_last_token=True,
              auto_model="AutoModelForSequenceClassification"),
