@@ -50,7 +50,6 @@ def test_gguf_runs_in_llama_cpp(lm_run, reference, tmp_path, quant, tol):  # noq
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
     """The packaged SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantized for training) after a short LoRA fine-tune."""
