@@ -26,18 +26,18 @@ from _common import machine, versions  # noqa: E402
 from bench_select import SETS, base_config  # noqa: E402
 
 
-def one(files: dict, out: Path, method: str, lr: float, seed: int, rows: int | None, epochs: float) -> dict:
+def one(files: dict, out: Path, lr: float, seed: int, rows: int | None, epochs: float) -> dict:
+    """One LoRA run (bench_select's config: r 8, alpha 16, dropout 0.05) at this rate, seed and row count."""
     from slimtune.runner import run
 
     cfg = base_config(files, str(out), epochs, 32)
-    cfg["method"] = {"name": method} if method != "lora" else cfg["method"]
     cfg["train"].update({"seed": seed, "lr": lr})
     if rows is not None:
         cfg["data"]["max_train_samples"] = rows
-    cfg["output"]["name"] = f"{method}-lr{lr}-s{seed}-n{rows}"
+    cfg["output"]["name"] = f"lora-lr{lr}-s{seed}-n{rows}"
     res = run(cfg)
     s = res.summary
-    return {"method": method, "lr": lr, "seed": seed,
+    return {"method": "lora", "lr": lr, "seed": seed,
             "rows": rows or files["n_train"], "dev_accuracy": (s.get("best") or {}).get("accuracy"),
             "test_accuracy": (res.test_metrics or {}).get("accuracy"),
             "train_seconds": (s.get("cost") or {}).get("train_seconds") or s.get("train_seconds")}
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         jobs = [(lr, seed, None) for lr in lrs for seed in seeds] + [(lr, seeds[0], n) for n in rungs for lr in lrs]
         for lr, seed, rows in jobs:
-            row = {"set": name, **one(files, tmp / name, "lora", lr, seed, rows, 2.0)}
+            row = {"set": name, **one(files, tmp / name, lr, seed, rows, 2.0)}
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
             if args.out:

@@ -57,12 +57,10 @@ class RunConfig(StrictModel):
         if "lr" not in self.train.model_fields_set:
             from ..methods import REGISTRY
 
-            lr = REGISTRY[self.method.name].default_lr or task_spec(self.task).default_lr
-            if lr is not None:
-                self.train.lr = lr
-                # filled in, not given: `lr` stays out of the fields the user set, so a dump with exclude_unset
-                # (a sweep's base config) does not carry this method's rate into a trial of another method
-                self.train.model_fields_set.discard("lr")
+            self.train.lr = REGISTRY[self.method.name].default_lr or task_spec(self.task).default_lr
+            # filled in, not given: `lr` stays out of the fields the user set, so a dump with exclude_unset
+            # (a sweep's base config) does not carry this method's rate into a trial of another method
+            self.train.model_fields_set.discard("lr")
         return self
 
     @model_validator(mode="after")
