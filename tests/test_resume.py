@@ -147,6 +147,39 @@ def test_ctrl_c_inside_the_best_checkpoint_save(tiny_bert, data, full, tmp_path,
     assert _eval_steps(run) == [2, 4, 6, 8]
 
 
+def _evals(run: Path) -> dict[int, dict]:
+    lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r for r in lines if r.get("type") == "eval"}
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.375])
+def test_a_paused_run_trains_on_as_if_it_had_not_stopped(tiny_bert, data, full, tmp_path, fraction):
+    """PauseAt (a select rung) ends the run at its share of the steps (status paused, an evaluation there, no
+    test); a resume trains on with the same schedule to the weights of the uninterrupted run. Paused on the
+    evaluation grid (step 4), the whole result is the uninterrupted one; off it (step 3) the pause's extra
+    evaluation is the only difference."""
+    from slimtune.train.callbacks import PauseAt
+
+    paused = slimtune.run(_cfg(tiny_bert, data, tmp_path), callbacks=[PauseAt(fraction)])
+    run, at = paused.run_dir, int(8 * fraction)
+    assert paused.status == "paused" and paused.test_metrics is None
+    assert paused.summary["steps"] == at and max(_evals(run)) == at and (run / "adapter").is_dir()
+    again = slimtune.run(None, resume=run, callbacks=[PauseAt(fraction)])  # at its pause step: it stays there
+    assert again.status == "paused" and again.summary["steps"] == at
+    res = slimtune.run(None, resume=run)
+    wa, wb = (load_file(str(r / "checkpoints/last/trainable.safetensors")) for r in (full.run_dir, run))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    mine, theirs = _evals(run), _evals(full.run_dir)
+    assert sorted(mine) == sorted({*theirs, at})
+    for step, rec in theirs.items():
+        assert mine[step]["eval_loss"] == pytest.approx(rec["eval_loss"], abs=1e-6)
+    if at in theirs:
+        _same_result(res.summary, full)
+    else:
+        assert res.status == "completed" and res.summary["steps"] == 8 and res.test_metrics is not None
+
+
 KILL = """
 import json, os, sys
 import slimtune

@@ -73,7 +73,8 @@ def _short_model(m: str | None) -> str:
 
 def _status(r: dict) -> str:
     colour = {"completed": "green", "failed": "red", "dead": "red", "missing": "red", "damaged": "red",
-              "running": "yellow", "interrupted": "yellow", "pruned": "yellow"}.get(r["status"], "white")
+              "running": "yellow", "interrupted": "yellow", "pruned": "yellow", "paused": "yellow"}.get(r["status"],
+                                                                                                     "white")
     return f"[{colour}]{escape(str(r['status']))}[/]"
 
 
@@ -83,8 +84,8 @@ def list_(
     task: Optional[str] = typer.Option(None, help="only this task"),
     model: Optional[str] = typer.Option(None, help="only models whose name contains this"),
     method: Optional[str] = typer.Option(None, help="only this PEFT method"),
-    status: Optional[str] = typer.Option(None, help="only this status: completed, running, failed, interrupted, dead, "
-                                                    "missing"),
+    status: Optional[str] = typer.Option(None, help="only this status: completed, running, failed, interrupted, "
+                                                    "pruned, paused, dead, missing"),
     sweep: Optional[str] = typer.Option(None, help="only the runs of this sweep"),
     kind: Optional[str] = typer.Option(None, help="only runs ('run') or only sweeps ('sweep')"),
     where: Optional[List[str]] = typer.Option(None, "--where", "-w",

@@ -19,7 +19,7 @@ from ..track import atomic
 from ..track.rundir import git_hash, hardware, versions
 from ..train import checkpoint
 from ..train.activation_checkpointing import check_checkpointing, enable_checkpointing
-from ..train.callbacks import Callback, EarlyStopping, MethodStep, fire
+from ..train.callbacks import UNTESTED, Callback, EarlyStopping, MethodStep, fire
 from ..train.groups import Groups, split_groups
 from ..train.loop import Loop, LoopData, interrupts_deferred
 from ..train.optim import build_optimizer, param_lr_scale, trainable_per_group
@@ -221,8 +221,8 @@ def finish(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches, tr
             save_adapter(unwrapped, cfg.method, tmp, source.hub_id or source.path, cfg.task, whole)
             inputs.processor.save_pretrained(str(tmp))
     test_metrics = None
-    status = loop.stop_status  # 'pruned' when a sweep stopped it: no test evaluation
-    if "test" in inputs.features and status != "pruned":
+    status = loop.stop_status  # 'pruned' (a sweep stopped it) or 'paused' (a select rung ended): no test evaluation
+    if "test" in inputs.features and status not in UNTESTED:
         test_metrics = run_test(loop, inputs.features["test"], batches.eval_batch_size)
     secs = max(state.train_seconds, 1e-9)
     summary = folder.tracking.end({
@@ -238,7 +238,8 @@ def finish(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batches, tr
     }, loop)
     folder.files.write_json("summary.json", summary)
     accelerator.wait_for_everyone()
-    accelerator.print(f"done: best {cfg.monitor}={state.best_value:.4f} at step {state.best_step}; "
+    ended = "paused" if status == "paused" else "done"
+    accelerator.print(f"{ended}: best {cfg.monitor}={state.best_value:.4f} at step {state.best_step}; "
                       f"adapter in {folder.path / 'adapter'}")
     return RunResult(folder.path, status, state.best_metrics or {}, loop.last_metrics, test_metrics, summary)
 

@@ -124,7 +124,8 @@ class MlflowSink:
         for f in ("config.yaml", "summary.json"):
             if (run_dir / f).is_file():
                 self.client.log_artifact(self.run_id, str(run_dir / f))
-        status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(summary.get("status"), "FAILED")
+        ended = {"completed": "FINISHED", "interrupted": "KILLED", "paused": "KILLED"}
+        status = ended.get(summary.get("status"), "FAILED")
         self.client.set_terminated(self.run_id, status=status)
 
 

@@ -10,6 +10,7 @@ written before the callback had state).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -74,6 +75,39 @@ class PruneTraining(StopTraining):
     """Raised by a sweep's pruning callback: the run ends cleanly with status 'pruned' (no test evaluation)."""
 
     status = "pruned"
+
+
+class PauseTraining(StopTraining):
+    """Raised to end a run part way through its schedule (a select trial at the end of its rung): status 'paused',
+    no test evaluation; `slimtune run --resume` trains it on with the same schedule, exactly as if it had not
+    stopped (unlike an early stop, which a resume of the same length keeps)."""
+
+    status = "paused"
+
+
+UNTESTED = ("pruned", "paused")  # the statuses of runs that end without a test evaluation
+RESUMED_ON = ("paused",)  # early stops that a resume trains on from (the others it keeps)
+
+
+class PauseAt(Callback):
+    """Pause the run once `fraction` of its total steps are done (ceil; 1 or more: never). It checks before the
+    first step too, so a run resumed at or past its pause step pauses again without training."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def _check(self, loop: Loop) -> None:
+        if self.fraction < 1 and loop.state.step >= pause_step(loop.total_steps, self.fraction):
+            raise PauseTraining(f"paused at step {loop.state.step} of {loop.total_steps} ({self.fraction:.3g} of "
+                                "the run); `slimtune run --resume` trains it on")
+
+    on_train_begin = _check
+    on_step_end = _check
+
+
+def pause_step(total_steps: int, fraction: float) -> int:
+    """The step PauseAt(fraction) pauses a run of total_steps at."""
+    return max(1, math.ceil(total_steps * fraction - 1e-9))
 
 
 class EarlyStopping(Callback):

@@ -25,7 +25,7 @@ from ..errors import RunFolderError
 from ..tasks.base import LossHooks
 from ..track import atomic
 from . import checkpoint
-from .callbacks import StopTraining, extra_metrics, fire
+from .callbacks import RESUMED_ON, StopTraining, extra_metrics, fire
 from .schedules import lr_factor
 from .state import TrainState
 
@@ -111,10 +111,10 @@ class Loop:
     # -- the loop ---------------------------------------------------------
     def fit(self) -> TrainState:
         state = self.state
-        fire(self.callbacks, "on_train_begin", self)
         self.model.train()
         window = defaultdict(float)  # the loss and steps since the last train log
         try:
+            fire(self.callbacks, "on_train_begin", self)  # may stop it already (a resume at its pause step)
             if self._eval_due() and 0 < state.step < self.total_steps:
                 self.evaluate_and_checkpoint()  # an interrupt cut this step's evaluation short: it is done now
             while state.step < self.total_steps and not state.stopped:
@@ -343,7 +343,7 @@ class Loop:
         state = TrainState.from_json(saved)
         # a run that stopped early and was interrupted while finishing stays stopped (see _record_stop), unless
         # the resume extends it (another total: it trains on)
-        stays = bool(state.stop_status) and state.stopped_of == self.total_steps
+        stays = state.stop_status not in (None, *RESUMED_ON) and state.stopped_of == self.total_steps
         if not stays:
             state.stopped = None
         self.stop_status = state.stop_status if stays else "completed"
