@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -61,14 +60,15 @@ def _plan(**kw) -> SelectPlan:
 
 def test_rung_sizes_and_the_budget_by_hand():
     plan = _plan(max_steps=40)
-    assert [plan.samples(r) for r in range(3)] == [25, 50, None]
     assert [plan.steps(r) for r in range(3)] == [10, 20, 40]
     a, b = Candidate("m1", "lora"), Candidate("m2", "lora")
     rows = [_row(a.label, 0.8, 50.0, wall_seconds=60.0), _row(b.label, 0.7, 50.0, wall_seconds=30.0)]
     plan = _plan(budget_minutes=4.0)
-    assert forecast(rows, a, 1, plan) == pytest.approx(2.0)  # its own rung 0 (1 min) at twice the data
-    assert budget_left(rows, a, 1, plan) is None  # 1.5 min spent + 2 min ahead <= 4
-    assert "would take about 2 more" in budget_left(rows, a, 1, _plan(budget_minutes=3.0))
+    # a rung continues the trial: rung 1 adds 0.5 - 0.25 of the run, as many steps as rung 0 took (1 min)
+    assert forecast(rows, a, 1, plan) == pytest.approx(1.0)
+    assert forecast([*rows, _row(a.label, 0.8, 50.0, rung=1, wall_seconds=60.0)], a, 2, plan) == pytest.approx(2.0)
+    assert budget_left(rows, a, 1, plan) is None  # 1.5 min spent + 1 min ahead <= 4
+    assert "would take about 1 more" in budget_left(rows, a, 1, _plan(budget_minutes=2.0))
     assert budget_left(rows, a, 1, _plan(budget_minutes=1.5)).startswith("budget spent: 1.5 of 1.5 min")
     assert forecast(rows, Candidate("m3", "lora"), 0, plan) == pytest.approx(0.75)  # the mean of rung 0
     kwh = _plan(budget_kwh=1.0)
@@ -146,7 +146,7 @@ def test_race_promotes_the_learners_and_picks_the_best(race):
     result, (bert, llama, dead) = race["result"], race["models"]
     summary = json.loads((result.select_dir / "summary.json").read_text())
     assert result.select_dir.name == "select-my" and summary["status"] == "completed"
-    assert summary["train_samples"] == 144 and summary["rung_samples"] == [72, 144]  # 160 - 16 carved for eval
+    assert summary["train_samples"] == 144  # 160 - 16 carved for eval: 9 steps an epoch, 90 in all
     by_model = {c["model"]: c for c in summary["candidates"]}
     assert by_model[dead]["metric_per_rung"] == {"0": 0.5}  # one class for all: the majority rate, 8 of 16
     assert by_model[dead]["rung_reached"] == 0 and by_model[dead]["dropped"].startswith("not promoted after rung 0")
@@ -155,8 +155,16 @@ def test_race_promotes_the_learners_and_picks_the_best(race):
         assert entry["rung_reached"] == 1 and entry["metric_per_rung"]["0"] > 0.5 and entry["dropped"] is None
         assert entry["latency_s"] > 0 and entry["adapter_bytes"] > 0 and entry["peak_memory_mb"] > 0
         assert entry["train_seconds"] > 0
-        first = entry["trials"][0]
-        assert load_config(Path(first["run_dir"]) / "config.yaml").data.max_train_samples == 72
+        # one run folder, paused at rung 0 (45 of its 90 steps) and continued to the end at rung 1; each rung's row
+        # holds what that rung cost, and they add up to the run's
+        first, second = entry["trials"]
+        assert first["status"] == "paused" and first["steps"] == 45 and first["samples"] == 45 * 16
+        assert second["run_dir"] == first["run_dir"] and second["status"] == "completed" and second["steps"] == 90
+        run_cost = json.loads((Path(first["run_dir"]) / "summary.json").read_text())["cost"]
+        assert first["train_seconds"] + second["train_seconds"] == pytest.approx(run_cost["train_seconds"])
+        assert 0 < first["train_seconds"] < run_cost["train_seconds"]
+        assert load_config(Path(first["run_dir"]) / "config.yaml").data.max_train_samples is None
+    assert by_model[dead]["trials"][0]["status"] == "paused" and by_model[dead]["trials"][0]["steps"] == 45
     finals = {m: _best_accuracy(by_model[m]["trials"][1]["run_dir"]) for m in (bert, llama)}
     best_model = max(finals, key=finals.get)
     if finals[bert] != finals[llama]:
@@ -179,30 +187,30 @@ def test_best_yaml_loads_and_runs(race):
 
 
 def test_a_killed_select_resumes_without_rerunning_finished_trials(race, monkeypatch):
-    """A copy of the race with its rung-1 folders gone; the rerun is interrupted inside the first rung-1 trial
-    (a checkpoint is saved), then run again: rung 0 is read back, the interrupted trial resumes from its checkpoint,
-    the other trains, and the pick is the same."""
+    """The same race again in a new folder, interrupted inside the first rung-1 continuation (a checkpoint is
+    saved), then run again: rung 0 is read back, the interrupted trial resumes from its checkpoint, the other one
+    continues from its rung-0 pause, and every metric and the pick's value are the uninterrupted race's."""
     import slimtune.runner
     from slimtune.select import select
     from slimtune.select import trial as trial_mod
 
-    tmp = race["tmp"] / "copy"
+    tmp = race["tmp"] / "again"
     cfg = yaml.safe_load(race["config"].read_text())
     cfg["output"]["dir"] = str(tmp)
-    path = _write(race["tmp"] / "copy.yaml", {**cfg, "select": {**cfg["select"], "name": "select-my"}})
-    shutil.copytree(race["result"].select_dir, tmp / "select-my")
-    for folder in (tmp / "select-my" / "trials").glob("r1-*"):
-        shutil.rmtree(folder)
+    path = _write(race["tmp"] / "again.yaml", {**cfg, "select": {**cfg["select"], "name": "select-my"}})
+    killed = []
 
     class Kill(trial_mod.LatencyProbe):
         def on_step_end(self, loop):
-            if loop.run.path.name.startswith("r1-") and loop.state.step == 3:
+            if loop.state.step == 48 and not killed:  # 3 steps into rung 1 (rung 0 paused at 45)
+                killed.append(loop.run.path)
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(trial_mod, "LatencyProbe", Kill)
     with pytest.raises(KeyboardInterrupt):
         select(path, log=lambda s: None)
     monkeypatch.undo()
+    assert json.loads((killed[0] / "summary.json").read_text())["status"] == "interrupted"
     calls = []
     real = slimtune.runner.run
 
@@ -212,10 +220,10 @@ def test_a_killed_select_resumes_without_rerunning_finished_trials(race, monkeyp
 
     monkeypatch.setattr(slimtune.runner, "run", counting)
     again = select(path, log=lambda s: None)
-    assert len(calls) == 2 and sum(c is not None for c in calls) == 1  # one resumed, one new; rung 0 read back
+    assert len(calls) == 2 and all(c is not None for c in calls) and killed[0] in calls  # rung 0 read back
     summary = json.loads((again.select_dir / "summary.json").read_text())
     assert all(t["reused"] for c in summary["candidates"] for t in c["trials"] if t["rung"] == 0)
-    # the resumed and the new trial end where the uninterrupted race's did: the same metrics, the same pick's value
+    # the resumed and the continued trial end where the uninterrupted race's did: the same metrics, the same pick
     per_rung = {c["label"]: c["metric_per_rung"] for c in race["result"].candidates}
     assert {c["label"]: c["metric_per_rung"] for c in summary["candidates"]} == per_rung
     assert summary["pick"]["metric"] == race["result"].summary["pick"]["metric"]

@@ -62,7 +62,6 @@ def _summary(plan: SelectPlan, sizes: dict, dropped: dict, rows: list[dict], sta
         "select_dir": str(plan.select_dir), "status": status, "monitor": plan.monitor,
         "direction": "maximize" if plan.higher_is_better else "minimize", "eta": plan.eta,
         "fractions": list(plan.fractions), "train_samples": plan.train_samples,
-        "rung_samples": [plan.samples(r) or plan.train_samples for r in range(len(plan.fractions))],
         "rung_steps": [plan.steps(r) for r in range(len(plan.fractions))],
         "tolerance": plan.tolerance, "budget_minutes": plan.budget_minutes, "budget_kwh": plan.budget_kwh,
         "memory_bytes": plan.memory_bytes, "stopped": stopped,
@@ -86,14 +85,24 @@ def best_config(plan: SelectPlan, chosen: Candidate) -> dict[str, Any]:
     return data
 
 
-def write_best(plan: SelectPlan, chosen: Candidate, rule: str) -> Path:
+def write_best(plan: SelectPlan, chosen: Candidate, rule: str, row: dict) -> Path:
     data = best_config(plan, chosen)
     config_from_dict(data, "best config")  # it must load as it is
     path = plan.select_dir / "best.yaml"
     head = (f"# pick of select {plan.name!r}: {chosen.label}\n# rule: {rule}\n"
-            f"# run it with: slimtune run {path}\n")
+            f"# run it with: slimtune run {path}\n" + _trial_note(row))
     atomic.write_text(path, head + yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _trial_note(row: dict) -> str:
+    """The pick's trial trained this same config (its own folder): say how far, and how to go on from it."""
+    if row.get("status") == "paused":
+        return (f"# the race's trial of it is this run paused at step {row.get('steps')}; to go on from there "
+                f"instead:\n#   slimtune run --resume {row['run_dir']}\n")
+    if row.get("status") == "completed":
+        return f"# the race's trial of it is this run trained to the end: {row['run_dir']}\n"
+    return ""
 
 
 def finish(plan: SelectPlan, sizes: dict, dropped: dict, rows: list[dict], stopped: str | None,
@@ -101,7 +110,7 @@ def finish(plan: SelectPlan, sizes: dict, dropped: dict, rows: list[dict], stopp
     """The pick, best.yaml, summary.json and the report page."""
     chosen_row, rule = decision(plan, rows, decided)
     chosen = Candidate(chosen_row["model"], chosen_row["method"]) if chosen_row else None
-    best = write_best(plan, chosen, rule) if chosen else None
+    best = write_best(plan, chosen, rule, chosen_row) if chosen else None
     summary = _summary(plan, sizes, dropped, rows, "stopped by the budget" if stopped else "completed", stopped)
     summary.update({
         "decided_rung": decided, "rule": rule, "wall_seconds": wall, "best_config": str(best) if best else None,

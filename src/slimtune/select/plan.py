@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SlimtuneError
+from ..train.callbacks import pause_step
 
 
 class SelectError(SlimtuneError, RuntimeError):
@@ -42,7 +43,7 @@ class SelectPlan:
     candidates: tuple[Candidate, ...]
     """Every (model, method) pair, models outer, in the order given."""
     fractions: tuple[float, ...]
-    """The share of the training data (and of train.max_steps) of each rung, ascending, the last 1."""
+    """The share of its steps each rung trains a trial to, ascending, the last 1 (the whole run)."""
     train_samples: int
     """Training examples of the full data (after the config's own data.max_train_samples)."""
     max_steps: int | None
@@ -56,16 +57,11 @@ class SelectPlan:
     memory_bytes: int | None
     latency_examples: int
 
-    def samples(self, rung: int) -> int | None:
-        """data.max_train_samples of a rung's trials; None at the full data."""
-        fraction = self.fractions[rung]
-        return None if fraction >= 1 else max(2, math.ceil(self.train_samples * fraction))
-
     def steps(self, rung: int) -> int | None:
-        """train.max_steps of a rung's trials; None where the config trains by epochs."""
+        """The step a rung pauses its trials at; None where the config trains by epochs (the run knows its steps)."""
         if self.max_steps is None:
             return None
-        return max(1, math.ceil(self.max_steps * self.fractions[rung]))
+        return pause_step(self.max_steps, self.fractions[rung])
 
 
 def rung_fractions(eta: int, min_fraction: float) -> tuple[float, ...]:
@@ -129,7 +125,8 @@ def spent(rows: list[dict], plan: SelectPlan) -> float | None:
 
 def forecast(rows: list[dict], candidate: Candidate, rung: int, plan: SelectPlan) -> float:
     """What the next trial will likely cost (the budget's unit): the candidate's own previous rung scaled by the
-    data it gets now, else the mean of this rung's trials so far; 0 when nothing is known yet."""
+    steps it adds now (a rung continues the trial: rung r adds fractions[r] - fractions[r - 1] of the run), else
+    the mean of this rung's trials so far; 0 when nothing is known yet."""
     key = "energy_kwh" if plan.budget_kwh is not None else "wall_seconds"
     scale = 1.0 if plan.budget_kwh is not None else 1 / 60
 
@@ -137,9 +134,12 @@ def forecast(rows: list[dict], candidate: Candidate, rung: int, plan: SelectPlan
         v = r.get(key)
         return None if v is None else v * scale
 
+    def added(r: int) -> float:
+        return plan.fractions[r] - (plan.fractions[r - 1] if r > 0 else 0.0)
+
     own = [r for r in rows if r["label"] == candidate.label and r["rung"] == rung - 1 and cost(r) is not None]
     if own:
-        return cost(own[-1]) * plan.fractions[rung] / plan.fractions[rung - 1]
+        return cost(own[-1]) * added(rung) / added(rung - 1)
     same = [cost(r) for r in rows if r["rung"] == rung and cost(r) is not None]
     return sum(same) / len(same) if same else 0.0
 

@@ -2,18 +2,20 @@
 
     <output.dir>/<select name>/          (select name: select.name, default select-<config file stem>)
       select.yaml       the resolved config with its select section, as last started
-      trials/r0-<model>-<method>-<hash>   each trial's run folder (a normal run folder)
+      trials/<model>-<method>-<hash>   each candidate's run folder (a normal run folder), all its rungs
       summary.json      every candidate: memory estimate, dropped reason, metric per rung, cost; the pick and its rule
-      best.yaml         the user's config with the pick's model and method; `slimtune run best.yaml` takes it
+      best.yaml         the user's config with the pick's model and method; `slimtune run` takes it
       report.html       the candidates' table, quality vs training time with the Pareto front, the recommendation
 
-Successive halving (Jamieson & Talwalkar, 2016) over (model, method) pairs: every candidate trains on a small
-share of the data at rung 0, the best 1/eta (rounded up) go on with eta x more, until at most one would go on or a
-rung had the full data; that last rung decides, by the rule in plan.pick. It is written here rather than with
+Successive halving (Jamieson & Talwalkar, 2016) over (model, method) pairs: every candidate's run trains to a small
+share of its steps at rung 0 and pauses; the best 1/eta (rounded up) are resumed to eta x that share, until at most
+one would go on or a rung trained the runs to their end; that last rung decides, by the rule in plan.pick. As in
+ASHA (Li et al., 2020) a promoted trial continues from its checkpoint rather than starting over, so the race's
+compute is the survivors' longest run plus the others' short ones (trial.py). It is written here rather than with
 optuna's SuccessiveHalvingPruner, which `slimtune sweep` uses: optuna prunes a running trial at its intermediate
-reports and samples new ones, while here the arms are a fixed list, each rung is a fresh run of its own on more
-data (a run folder that stands alone and is read back on resume), and the pick needs every trial's cost, which
-the run folders hold; a study would add a storage and a sampler with nothing to sample.
+reports and samples new ones, while here the arms are a fixed list, every rung's run stands alone as a run folder
+(paused, then resumed), and the pick needs every rung's cost, which the run folders hold; a study would add a
+storage and a sampler with nothing to sample.
 """
 from __future__ import annotations
 

@@ -67,8 +67,8 @@ def select_page(plan: SelectPlan, summary: dict) -> str:
         ("rule", summary.get("rule")),
         ("run it with", f"slimtune run {summary['best_config']}" if summary.get("best_config") else "-"),
         ("stopped", summary.get("stopped") or "no: the race ran to its deciding rung"),
-        ("rungs", ", ".join(f"{f:.3g} of the data ({n} examples)" for f, n in
-                            zip(summary["fractions"], summary["rung_samples"]))),
+        ("rungs", ", ".join(f"{f:.3g} of the run ({n} steps)" for f, n in
+                            zip(summary["fractions"], summary["rung_steps"]))),
         ("trials' time", duration(summary.get("trial_wall_seconds"))),
     ])
     rung = summary.get("decided_rung")

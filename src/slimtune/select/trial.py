@@ -1,9 +1,13 @@
-"""One trial of the race: a normal `run()` of the user's config with the candidate's model and method and the
-rung's share of the data and steps, in its own run folder under `<select>/trials/`; or, when that folder already
-holds a finished run of the same config, its summary read back (a killed select resumes without rerunning).
+"""A candidate's trial: one normal `run()` of the user's config with the candidate's model and method, in its own run
+folder under `<select>/trials/`, trained rung by rung. Rung r pauses it at fractions[r] of its steps (PauseAt: the
+full run's schedule and data order, cut short); promotion resumes it from that checkpoint, so a survivor never
+trains its first steps twice, and its last rung is the very run `best.yaml` starts (a resume continues it
+exactly). Each rung's row (metric, and what that rung cost: the run's cost so far less the earlier rungs') is
+written to the folder's select_rungs.json as it ends, so a killed select reads finished rungs back and resumes an
+interrupted one from its checkpoint.
 
-The folder name holds a hash of the trial's config: a changed base config gets new folders, and a completed
-folder is always the trial it is named for.
+The folder name holds a hash of the trial's config: a changed base config gets new folders, and a folder is always
+the trial it is named for.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.sweep_keys import trial_config
 from ..errors import SlimtuneError
+from ..track import atomic
 from ..track.runinfo import RunFolderError, read_run
+from ..train.callbacks import PauseAt, pause_step
 from .plan import Candidate, SelectPlan
 
 if TYPE_CHECKING:
@@ -25,34 +31,32 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], Any]
 LATENCY_FILE = "latency.json"
+RUNGS_FILE = "select_rungs.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+COSTS = ("train_seconds", "wall_seconds", "energy_kwh")  # a rung's row holds its own share of these
 
 
-def trial_data(plan: SelectPlan, candidate: Candidate, rung: int) -> dict[str, Any]:
+def trial_data(plan: SelectPlan, candidate: Candidate) -> dict[str, Any]:
     """The trial's run config: the base with model.name and method.name set (as a sweep's trial sets a sampled
-    method: the options the config gives that the candidate's method has are kept) and the rung's
-    data.max_train_samples / train.max_steps."""
-    params: dict[str, Any] = {"method.name": candidate.method, "model.name": candidate.model}
-    samples, steps = plan.samples(rung), plan.steps(rung)
-    if samples is not None:
-        params["data.max_train_samples"] = samples
-    if steps is not None:
-        params["train.max_steps"] = steps
-    return trial_config(plan.base, params)
+    method: the options the config gives that the candidate's method has are kept)."""
+    return trial_config(plan.base, {"method.name": candidate.method, "model.name": candidate.model})
 
 
-def trial_name(plan: SelectPlan, candidate: Candidate, rung: int) -> str:
-    data = trial_data(plan, candidate, rung)
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
-    return f"r{rung}-{candidate.slug()}-{digest}"
+def trial_name(plan: SelectPlan, candidate: Candidate) -> str:
+    digest = hashlib.sha256(json.dumps(trial_data(plan, candidate), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{candidate.slug()}-{digest}"
 
 
-def run_config(plan: SelectPlan, candidate: Candidate, rung: int) -> dict[str, Any]:
+def trial_path(plan: SelectPlan, candidate: Candidate) -> Path:
+    return plan.select_dir / "trials" / trial_name(plan, candidate)
+
+
+def run_config(plan: SelectPlan, candidate: Candidate) -> dict[str, Any]:
     """trial_data placed in the select folder: its run folder under trials/, filed under the select folder in the
-    run index (as a sweep's trials are)."""
-    data = trial_data(plan, candidate, rung)
+    run index (as a sweep's trials are); checkpoints on, since promotion resumes from them."""
+    data = trial_data(plan, candidate)
     data["output"] = {**(data.get("output") or {}), "dir": str(plan.select_dir / "trials"),
-                      "name": trial_name(plan, candidate, rung)}
+                      "name": trial_name(plan, candidate), "save_checkpoints": True}
     data["track"] = {**(data.get("track") or {}), "sweep": str(plan.select_dir)}
     return data
 
@@ -89,37 +93,50 @@ class LatencyProbe:
 
 
 def run_trial(plan: SelectPlan, candidate: Candidate, rung: int, log: Log) -> dict[str, Any]:
-    """The trial's row: its finished folder read back, else the run (resumed where an interrupt left a checkpoint).
-    A trial that fails is a row with its error; an interrupt propagates (the run saved its checkpoint)."""
+    """The trial's row at this rung: read back when recorded, else the run trained on (or started) to the rung's
+    pause step. A trial that fails is a row with its error; an interrupt propagates (the run saved its checkpoint)."""
     from ..runner import run
 
-    path = plan.select_dir / "trials" / trial_name(plan, candidate, rung)
-    status = _status(path)
-    if status == "completed":
-        return trial_row(plan, candidate, rung, path, reused=True)
-    probe = [LatencyProbe(plan.latency_examples)]
+    path = trial_path(plan, candidate)
+    record = _read_json(path / RUNGS_FILE)
+    if str(rung) in record:
+        return {**record[str(rung)], "reused": True}
+    status, fraction = _status(path), plan.fractions[rung]
+    callbacks = [LatencyProbe(plan.latency_examples), PauseAt(fraction)]
     try:
-        # interrupted (Ctrl-C), or killed outright (its summary still says running): on from its checkpoint
-        if status in ("interrupted", "running") and (path / "checkpoints" / "last").is_dir():
-            log(f"[select] {candidate.label} rung {rung}: resuming {path}")
-            result = run(None, resume=path, callbacks=probe)
+        if status == "completed" or (status == "paused" and _reached(path, fraction)):
+            pass  # ended there already: early stopping before the pause, or a select killed before it recorded
+        elif status in ("paused", "interrupted", "running") and (path / "checkpoints" / "last").is_dir():
+            # promoted (paused at the last rung), interrupted (Ctrl-C) or killed outright: on from its checkpoint
+            log(f"[select] {candidate.label} rung {rung}: {'continuing' if status == 'paused' else 'resuming'} "
+                f"{path} to {fraction:.3g} of its steps")
+            run(None, resume=path, callbacks=callbacks)
         else:
             if path.exists():  # a start that never trained or that failed: nothing of it is kept
                 shutil.rmtree(path)
-            log(f"[select] {candidate.label} rung {rung}: training on {plan.samples(rung) or plan.train_samples} "
-                f"examples" + (f", {plan.steps(rung)} steps" if plan.steps(rung) else ""))
-            result = run(run_config(plan, candidate, rung), callbacks=probe)
+            log(f"[select] {candidate.label} rung {rung}: training on {plan.train_samples} examples to "
+                f"{fraction:.3g} of its steps")
+            run(run_config(plan, candidate), callbacks=callbacks)
     except KeyboardInterrupt:
         raise
     except Exception as error:  # this candidate's problem (a method the model cannot take): the race goes on
         kind = "" if isinstance(error, SlimtuneError) else f"{type(error).__name__}: "
         return {**_empty_row(candidate, rung, path), "status": "failed", "error": f"{kind}{error}"[:1000]}
-    return trial_row(plan, candidate, rung, result.run_dir, reused=False)
+    row = trial_row(plan, candidate, rung, path, earlier=[record[k] for k in record if int(k) < rung])
+    atomic.write_json(path / RUNGS_FILE, {**record, str(rung): row})
+    return row
 
 
 def is_completed(plan: SelectPlan, candidate: Candidate, rung: int) -> bool:
-    """Whether the trial's folder holds a finished run (read back, costs nothing: no budget check)."""
-    return _status(plan.select_dir / "trials" / trial_name(plan, candidate, rung)) == "completed"
+    """Whether the trial's rung is recorded (read back, costs nothing: no budget check)."""
+    return str(rung) in _read_json(trial_path(plan, candidate) / RUNGS_FILE)
+
+
+def _reached(path: Path, fraction: float) -> bool:
+    """Whether a paused run's summary is of a step at or past the pause step of `fraction`."""
+    s = read_run(path).summary
+    total, steps = s.get("total_steps"), s.get("steps")
+    return isinstance(total, int) and isinstance(steps, int) and steps >= pause_step(total, fraction)
 
 
 def _status(path: Path) -> str | None:
@@ -138,23 +155,30 @@ def _empty_row(candidate: Candidate, rung: int, path: Path) -> dict[str, Any]:
             "latency_s": None, "samples": None, "steps": None, "reused": False, "error": None}
 
 
-def trial_row(plan: SelectPlan, candidate: Candidate, rung: int, path: Path, reused: bool) -> dict[str, Any]:
-    """What the summary, the budget and the pick read of one trial: all from its run folder."""
+def trial_row(plan: SelectPlan, candidate: Candidate, rung: int, path: Path, earlier: list[dict]) -> dict[str, Any]:
+    """What the summary, the budget and the pick read of one trial at one rung: all from its run folder, its costs
+    less those of the earlier rungs' rows (the run's cost adds up over its sessions)."""
     info = read_run(path)
     s, cost = info.summary, info.cost
     metric = (s.get("best") or {}).get(plan.monitor)
     device_peak = cost.get("device_peak_mb")
     latency = _read_json(Path(path) / LATENCY_FILE)
+    so_far = {"train_seconds": cost.get("train_seconds") or s.get("train_seconds"),
+              "wall_seconds": cost.get("wall_seconds") or s.get("wall_seconds"), "energy_kwh": cost.get("energy_kwh")}
     return {**_empty_row(candidate, rung, path), "status": info.status,
             "metric": metric if isinstance(metric, (int, float)) else None,
-            "train_seconds": cost.get("train_seconds") or s.get("train_seconds"),
-            "wall_seconds": cost.get("wall_seconds") or s.get("wall_seconds"),
-            "energy_kwh": cost.get("energy_kwh"),
+            **{k: _less(so_far[k], [r.get(k) for r in earlier]) for k in COSTS},
             "peak_memory_mb": device_peak if device_peak is not None else cost.get("host_peak_rss_mb"),
             "peak_memory_of": "device" if device_peak is not None else "host",
             "adapter_bytes": adapter_bytes(Path(path) / "adapter"),
             "latency_s": latency.get("seconds_per_example"), "samples": s.get("samples_seen"),
-            "steps": s.get("steps"), "reused": reused}
+            "steps": s.get("steps"), "reused": False}
+
+
+def _less(total: float | None, parts: list[float | None]) -> float | None:
+    if total is None or any(p is None for p in parts):  # energy unmeasured in some session: unknown
+        return None
+    return max(0.0, total - sum(parts))
 
 
 def adapter_bytes(folder: Path) -> int | None:
