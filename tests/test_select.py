@@ -126,7 +126,8 @@ def _write(path: Path, cfg: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def race(tmp_path_factory, tiny_bert, tiny_llama, dead_bert, data):
-    """One race: three candidates at 0.5 of the data, the best ceil(3/2) = 2 at all of it, which decides."""
+    """One race: three candidates paused at 0.5 of their steps, the best ceil(3/2) = 2 trained on to the end, which
+    decides."""
     from slimtune.select import select
 
     tmp = tmp_path_factory.mktemp("race")

@@ -181,4 +181,4 @@ def decision(plan: SelectPlan, rows: list[dict], decided: int | None) -> tuple[d
         return None, "no trial ran within the budget"
     here = [r for r in rows if r["rung"] == decided]
     chosen, rule = pick(here, plan.tolerance, plan.higher_is_better, plan.monitor)
-    return chosen, f"at rung {decided} ({len(here)} trials on {plan.fractions[decided]:.3g} of the data): {rule}"
+    return chosen, f"at rung {decided} ({len(here)} trials at {plan.fractions[decided]:.3g} of their steps): {rule}"

@@ -118,8 +118,8 @@ def select(config: str | Path | dict | RunConfig, overrides: list[str] | None = 
     if not racing:
         raise SelectError(f"every candidate was dropped: {'; '.join(f'{k}: {v}' for k, v in dropped.items())}")
     log(f"[select] {plan.select_dir}  {len(racing)} candidates  rungs {', '.join(f'{f:.3g}' for f in plan.fractions)}"
-        f" of {plan.train_samples} examples  eta {plan.eta}  {'max' if plan.higher_is_better else 'min'} "
-        f"{plan.monitor}" + _budget_text(plan))
+        f" of each run's steps on {plan.train_samples} examples  eta {plan.eta}  "
+        f"{'max' if plan.higher_is_better else 'min'} {plan.monitor}" + _budget_text(plan))
     started = time.time()
     rows, stopped, decided = race(plan, racing, log, lambda rs: write_progress(plan, sizes, dropped, rs))
     return finish(plan, sizes, dropped, rows, stopped, decided, time.time() - started, report=report)

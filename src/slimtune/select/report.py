@@ -67,7 +67,7 @@ def select_page(plan: SelectPlan, summary: dict) -> str:
         ("rule", summary.get("rule")),
         ("run it with", f"slimtune run {summary['best_config']}" if summary.get("best_config") else "-"),
         ("stopped", summary.get("stopped") or "no: the race ran to its deciding rung"),
-        ("rungs", ", ".join(f"{f:.3g} of the run ({n} steps)" for f, n in
+        ("rungs", ", ".join(f"{f:.3g} of the run" + (f" ({n} steps)" if n else "") for f, n in
                             zip(summary["fractions"], summary["rung_steps"]))),
         ("trials' time", duration(summary.get("trial_wall_seconds"))),
     ])
