@@ -16,7 +16,7 @@ from .data.batching import eval_batches
 from .errors import OutputExists, RunNotFound
 from .loading import lengths, resolve_model, resolve_precision
 from .methods import get_method, load_adapter
-from .models import use_batch_pad
+from .models import pool_position_only, use_batch_pad
 from .tasks import get_task
 from .tasks.base import Task
 from .track import atomic, guard
@@ -63,6 +63,8 @@ def load_run(run_dir: str | Path, device: str | None = None, trust_run_code: boo
         load_kwargs = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     base = task.load_model(cfg, source, splits, **load_kwargs).model
     use_batch_pad(base, tokenizer)
+    if cfg.train.pooled_position_only:
+        pool_position_only(base)
     model = load_adapter(base, adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -190,6 +190,10 @@ class TrainConfig(StrictModel):
     scored_logits_only: bool = Field(
         True, description="causal LM: project to the vocabulary only the positions whose next token is scored "
         "(responses of chat / instruction data): same loss, less compute")
+    pooled_position_only: bool = Field(
+        True, description="sequence classifiers that read the first token (BERT, RoBERTa, XLM-R, ELECTRA): the last "
+        "block computes what follows its self-attention at that position only (same logits, less compute; "
+        "models/pooled.py); false: at every position")
     loss_tokens: Literal["epoch", "batch"] = Field(
         "epoch", description="causal LM: divide a batch's summed token loss by the mean number of scored tokens per "
         "batch over the epoch ('epoch': every token weighs the same whatever batch it lands in, which length-grouped "

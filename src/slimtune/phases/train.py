@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..data.batching import eval_batches
 from ..loading import lengths
 from ..methods import MethodContext, apply_method, get_method, save_adapter
-from ..models import use_batch_pad
+from ..models import pool_position_only, use_batch_pad
 from ..tasks.base import Task
 from ..track import atomic
 from ..track.rundir import git_hash, hardware, versions
@@ -96,6 +96,8 @@ def model_for_task(cfg: RunConfig, task: Task, inputs: Inputs, total_steps: int 
     loaded = task.load_model(cfg, inputs.source, inputs.splits, **load_kwargs)
     model = loaded.model
     use_batch_pad(model, inputs.processor)
+    if cfg.train.pooled_position_only:
+        pool_position_only(model)
     ctx = MethodContext(cfg.task, task.spec.peft_task_type, loaded.head, total_steps, sample_batches)
     model = apply_method(model, cfg.method, ctx)
     peft_cfg = getattr(model, "peft_config", {}).get("default")
