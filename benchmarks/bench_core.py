@@ -3,7 +3,8 @@
 
 Same model, data, LoRA config (r=8, alpha=16, dropout 0.05, all linear layers inside
 the transformer blocks, never the head), batch size, lr, schedule, warmup steps,
-weight decay, clipping, precision (bf16 autocast) and number of samples / steps.
+weight decay, clipping, precision (bf16 autocast where the host has bf16 compute, fp32 elsewhere) and number
+of samples / steps.
 
 Jobs
   cls   all-MiniLM-L6-v2 sequence classification on SST-2 (first N train rows,
@@ -141,7 +142,7 @@ def _pad(seqs, value):
 
 
 def cls_accuracy(model, tok, texts, labels, max_length, bs=64) -> float:
-    """Accuracy with bf16 autocast, length-sorted batches (same evaluator for every variant)."""
+    """Accuracy with bf16 autocast where the host has it, length-sorted batches (same evaluator for every variant)."""
     import torch
 
     enc = tok(texts, truncation=True, max_length=max_length)
@@ -151,7 +152,7 @@ def cls_accuracy(model, tok, texts, labels, max_length, bs=64) -> float:
     was = model.training
     model.eval()
     correct = 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=host_bf16()):
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
             logits = model(input_ids=_pad([ids[i] for i in idx], tok.pad_token_id).to(device),
@@ -162,7 +163,7 @@ def cls_accuracy(model, tok, texts, labels, max_length, bs=64) -> float:
 
 
 def lm_eval_loss(model, examples, pad_id, bs=16) -> float:
-    """Token-weighted mean cross-entropy over the label tokens (bf16 autocast)."""
+    """Token-weighted mean cross-entropy over the label tokens (bf16 autocast where the host has it)."""
     import torch
     import torch.nn.functional as F
 
@@ -171,7 +172,7 @@ def lm_eval_loss(model, examples, pad_id, bs=16) -> float:
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=host_bf16()):
         for s in range(0, len(order), bs):
             batch = [examples[i] for i in order[s:s + bs]]
             ids = _pad([e["input_ids"] for e in batch], pad_id).to(device)
@@ -193,8 +194,9 @@ def chat_config(plan: dict, group: bool, out_dir: str, name: str) -> dict:
         "data": {"train": "builtin:chatterbot-chat", "format": "chat"},  # eval: 10% carved out, split_seed 0
         "method": {"name": "lora", **LORA, "targets": "auto"},
         "train": {"max_steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"], "schedule": "linear",
-                  "warmup": warmup_steps(p["warmup"], p["steps"]), "precision": "bf16", "group_by_length": group,
-                  "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED, "log_every": 10},
+                  "warmup": warmup_steps(p["warmup"], p["steps"]), "precision": "bf16" if host_bf16() else "fp32",
+                  "group_by_length": group, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
+                  "log_every": 10},
         "eval": {"every_steps": 10**9, "metrics": ["loss", "perplexity"]},
         "output": {"dir": out_dir, "name": name, "save_checkpoints": False},
     }
@@ -224,8 +226,9 @@ def cls_config(plan: dict, group: bool, out_dir: str, name: str) -> dict:
                  "text_column": "sentence", "label_column": "label"},
         "method": {"name": "lora", **LORA, "targets": "auto"},
         "train": {"epochs": p["epochs"], "batch_size": p["batch_size"], "lr": p["lr"], "schedule": "linear",
-                  "warmup": warmup_steps(p["warmup"], steps), "precision": "bf16", "group_by_length": group,
-                  "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED, "log_every": 50},
+                  "warmup": warmup_steps(p["warmup"], steps), "precision": "bf16" if host_bf16() else "fp32",
+                  "group_by_length": group, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
+                  "log_every": 50},
         "eval": {"every_steps": 10**9, "metrics": ["accuracy", "macro_f1", "loss"]},
         "output": {"dir": out_dir, "name": name, "save_checkpoints": False},
     }
@@ -274,7 +277,7 @@ def _hf_args(out_dir, bs, lr, warmup, grouped, epochs=None, max_steps=None):
 
     kw = dict(
         output_dir=out_dir, per_device_train_batch_size=bs, learning_rate=lr, lr_scheduler_type="linear",
-        warmup_steps=warmup, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, bf16=True, use_cpu=True,
+        warmup_steps=warmup, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, bf16=host_bf16(), use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", seed=SEED, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if grouped else "random", remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -470,7 +473,7 @@ def run_child(variant: str, plan_path: str, result_path: str) -> int:
 # parent
 # ---------------------------------------------------------------------------------------------
 
-from _common import (_cpu_jiffies, busy_cores, child_cpu_seconds, machine, versions,  # noqa: E402
+from _common import (_cpu_jiffies, busy_cores, child_cpu_seconds, host_bf16, machine, versions,  # noqa: E402
                      wait_until_quiet, write_subset)  # (shared with the other benchmarks)
 
 

@@ -14,6 +14,8 @@ Variants, each in its own subprocess, one at a time (run the script under `flock
   slimtune        slimtune.run() with its defaults (LoRA r 8 / alpha 16 / dropout 0.05 on the block linears, lr 5e-4
                   and 40x (2e-2) for the new head, its bias at the label priors, batch 16, 3 epochs, warmup 6%,
                   linear decay, length-grouped batches, best epoch by eval micro_f1), only model.max_length set
+  slimtune-all-positions  the same with train.pooled_position_only false (the last block at every position, the
+                  default before models/pooled.py: its ablation)
   hf-default      Trainer + peft LoRA, the same LoRA config, lr, batch, epochs, warmup steps, schedule, weight decay,
                   clipping and precision; one lr for everything, random order; the final weights
   hf-grouped      as hf-default with train_sampling_strategy="group_by_length"
@@ -42,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-VARIANTS = ("slimtune", "hf-default", "hf-grouped", "hf-grouped-head40x")
+VARIANTS = ("slimtune", "slimtune-all-positions", "hf-default", "hf-grouped", "hf-grouped-head40x")
 SEED = 42
 # slimtune's defaults, given to HF as they are (train/, methods/lora.py)
 LR, HEAD_LR, BATCH, WARMUP, WEIGHT_DECAY, CLIP = 5e-4, 2e-2, 16, 0.06, 0.01, 1.0
@@ -144,7 +146,7 @@ def quality(model, tok, plan: dict) -> dict:
 
 # -- children ----------------------------------------------------------------------------------------------------
 
-def child_slimtune(plan: dict, tmp: str) -> dict:
+def child_slimtune(plan: dict, tmp: str, pooled_position_only: bool = True) -> dict:
     import torch
 
     import slimtune
@@ -154,7 +156,8 @@ def child_slimtune(plan: dict, tmp: str) -> dict:
     model = {"name": MINILM, "max_length": plan["max_length"]}
     res = slimtune.run({"task": "multi-label-classification", "model": model,
                         "data": {"train": f["train"], "eval": f["eval"], "test": f["test"]},
-                        "train": {"epochs": plan["epochs"], "seed": SEED},
+                        "train": {"epochs": plan["epochs"], "seed": SEED,
+                                  "pooled_position_only": pooled_position_only},
                         "output": {"dir": tmp, "name": "ml", "save_checkpoints": False}})
     s = res.summary
     loaded = slimtune.load_run(res.run_dir, device="cpu")
@@ -240,6 +243,7 @@ def child_hf(plan: dict, tmp: str, grouped: bool, head_mult: float = 1.0) -> dic
 
 CHILDREN = {
     "slimtune": child_slimtune,
+    "slimtune-all-positions": lambda plan, tmp: child_slimtune(plan, tmp, pooled_position_only=False),
     "hf-default": lambda plan, tmp: child_hf(plan, tmp, False),
     "hf-grouped": lambda plan, tmp: child_hf(plan, tmp, True),
     "hf-grouped-head40x": lambda plan, tmp: child_hf(plan, tmp, True, HEAD_LR / LR),

