@@ -35,7 +35,10 @@ def _first_position(module, args: tuple, kwargs: dict):
 
 
 def last_attention_output(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The last block's attention output module where the model is a first-token classifier of the BERT layout."""
+    """The last block's attention output module where the model (or the transformers model a peft wrapper holds)
+    is a first-token classifier of the BERT layout."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     if type(model).__name__ not in FIRST_TOKEN_CLASSIFIERS:
         return None
     config = getattr(model, "config", None)
@@ -50,7 +53,8 @@ def last_attention_output(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def pool_position_only(model: torch.nn.Module) -> bool:
     """Hook the last block of a first-token classifier to compute its tail at position 0 only (once); whether the
-    model is one. Call it on the transformers model before a method wraps it (the hook stays with the module)."""
+    model is one. Call it once the method has been applied: a data-driven initialisation (EVA) runs the model
+    first and reads every target layer's input at every position the attention mask keeps."""
     out = last_attention_output(model)
     if out is None:
         return False

@@ -96,10 +96,10 @@ def model_for_task(cfg: RunConfig, task: Task, inputs: Inputs, total_steps: int 
     loaded = task.load_model(cfg, inputs.source, inputs.splits, **load_kwargs)
     model = loaded.model
     use_batch_pad(model, inputs.processor)
-    if cfg.train.pooled_position_only:
-        pool_position_only(model)
     ctx = MethodContext(cfg.task, task.spec.peft_task_type, loaded.head, total_steps, sample_batches)
     model = apply_method(model, cfg.method, ctx)
+    if cfg.train.pooled_position_only:  # after the method: EVA's initialisation reads every position
+        pool_position_only(model)
     peft_cfg = getattr(model, "peft_config", {}).get("default")
     if peft_cfg is not None:  # the id the ecosystem loads the base from, not a site-packages path
         peft_cfg.base_model_name_or_path = inputs.source.hub_id or inputs.source.path
