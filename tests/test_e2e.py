@@ -35,7 +35,8 @@ def test_cli_text_classification_run(tiny_bert, cls_data, tmp_path):
     assert json.loads((run / "meta.json").read_text())["labels"] == ["neg", "pos"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["best"]["accuracy"] >= 0.9, summary["best"]  # the toy task is learnable
+    # the toy task is learnable: chance is 0.5; seeds 42, 0, 1, 2 end at 0.875-1.0 on the 32 eval rows (0.9-1.0 test)
+    assert summary["best"]["accuracy"] >= 0.8, summary["best"]
     assert summary["test"]["accuracy"] >= 0.8
     assert 0 < summary["trainable_share"] < 0.5
     for key in ("samples_per_s", "wall_seconds", "seed", "versions"):

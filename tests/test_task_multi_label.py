@@ -420,8 +420,10 @@ def contract_data(tmp_path_factory) -> dict:
 
 # p-tuning's virtual tokens cannot change how the frozen layers read the cue words, so on these label sets its loss
 # falls only as far as the head's biases take it (ln 2 -> ~0.67, at the label frequencies), which 18 steps' batch
-# noise hides; 48 steps show it
-STEPS = {"p-tuning": 48}
+# noise hides; 48 steps show it. LoHa's product of two low-rank pairs starts slowly: over 18 steps its windows
+# fall by ~0.03 with +-0.05 batch noise (seeds 42, 1, 2 failed or passed by the dropout stream), over 36 by
+# 0.05-0.09 on each of them
+STEPS = {"p-tuning": 48, "loha": 36}
 
 
 @pytest.mark.parametrize("name", METHODS)

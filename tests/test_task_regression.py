@@ -394,13 +394,18 @@ def contract_data(tmp_path_factory) -> tuple[str, str]:
     return str(write_csv(d / "train.csv", rating_rows(96, 0))), str(write_csv(d / "eval.csv", rating_rows(32, 1)))
 
 
+# prompt-tuning's loss over 18 steps moves less than its +-0.2 batch noise on these ratings (seeds 42, 1, 2 failed
+# or passed by the dropout stream); over 36 it falls by 0.2-0.3 on each of them
+STEPS = {"prompt-tuning": 36}
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_method_contract(name, tiny_bert_wide, contract_data, tmp_path):
     """Trains (loss goes down), reloads to the same eval loss, trains as many parameters as inspect predicts,
     merges to the same outputs where the method merges, or refuses as it does for text classification."""
     train, ev = contract_data
     cfg = reg_config(tiny_bert_wide, {"train": train, "eval": ev}, tmp_path, targets=["score", "intensity"],
-                     max_steps=18, batch_size=16, lr=LR.get(name, 1e-2), log_every=3, warmup=0)
+                     max_steps=STEPS.get(name, 18), batch_size=16, lr=LR.get(name, 1e-2), log_every=3, warmup=0)
     cfg.update(method={"name": name}, eval={"every_steps": 9, "monitor": "loss"}, output={"dir": str(tmp_path),
                                                                                           "name": name})
     cfg["model"]["max_length"] = 24
