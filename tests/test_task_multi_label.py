@@ -202,6 +202,23 @@ def test_config_errors(data, fragment):
         load_config({"task": TASK_NAME, "model": "m", "data": {"train": "t.csv", **data}})
 
 
+def test_each_label_cell_is_parsed_once_however_often_the_sets_are_read(tmp_path, monkeypatch):
+    """The split, the stratified subset, the checks and featurize read the sets parsed as the file was read."""
+    from slimtune.tasks import multi_label
+
+    calls = []
+    parse = multi_label._cell_labels
+    monkeypatch.setattr(multi_label, "_cell_labels", lambda value, sep: calls.append(value) or parse(value, sep))
+    rows = [{"text": f"t{i}", "label": ["a"] if i % 2 else ["a", "b"]} for i in range(40)]
+    cfg = load_config({"task": TASK_NAME, "model": "m", "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", rows)),
+                                                                  "max_train_samples": 20}})
+    splits = TASK.load_data(cfg)
+    TASK.featurize(cfg, _word_tokenizer(), splits)
+    assert len(calls) == 40 and len(splits.train) == 20
+    assert multi_label.label_sets(splits.train, cfg, "t.jsonl") == [
+        ["a"] if int(t[1:]) % 2 else ["a", "b"] for t in splits.train["text"]]
+
+
 def test_carved_eval_keeps_a_rare_label_in_train(tmp_path):
     """The carve-out is stratified by each row's rarest label: a label held by one row stays in train."""
     rows = [{"text": f"t{i}", "label": ["common"] + (["rare"] if i == 7 else [])} for i in range(40)]

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ..models.sources import ModelSource
 
 RECORD = "__record__"  # each row's 1-based record number in its file, kept through the eval carve-out and sampling
+LABEL_SETS = "__label_sets__"  # each row's parsed labels, added as its file is read: the split, the stratified
+# subset, the checks and featurize read them there instead of parsing every cell again
 _TRUE, _FALSE = {"1", "1.0", "true"}, {"0", "0.0", "false"}
 THRESHOLD_RULE = ("per label, the threshold maximising its F1 on the eval split's outputs of the best checkpoint "
                   "(midway between the lowest probability kept and the highest one left out); 0.5 for a label "
@@ -95,7 +97,10 @@ def _cell_labels(value: Any, separator: str | None) -> list[str]:
 
 
 def label_sets(ds, cfg: RunConfig, source: str) -> list[list[str]]:
-    """Each row's labels; every cell is checked, an error names the file, column, record and value."""
+    """Each row's labels; every cell is checked, an error names the file, column, record and value (or the
+    LABEL_SETS column, once they were)."""
+    if LABEL_SETS in ds.column_names:
+        return ds[LABEL_SETS]
     d = cfg.data
     records = _records(ds)
     if d.label_columns:
@@ -244,7 +249,7 @@ class MultiLabelClassification(Task):
             require_columns(ds, list(cols), source, cols)
             require_nonempty(ds, split, source)
             ds = ds.add_column(RECORD, list(range(1, len(ds) + 1)))
-            label_sets(ds, cfg, source)  # every cell checked as the file has it
+            ds = ds.add_column(LABEL_SETS, label_sets(ds, cfg, source))  # every cell checked as the file has it
             for col in text_cols:
                 empty_text_warning(report, ds[col], source, col)
             return ds
