@@ -145,16 +145,20 @@ def merge(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 
 @app.command()
 def inspect(model: str = typer.Argument(..., help="Hub id, local folder or .gguf file"),
-            task: str = typer.Option("auto", help="text-classification, causal-lm or auto (from the architecture)"),
+            task: str = typer.Option("auto", help="a task with a model class (text-classification, causal-lm, "
+                                     "image-classification, ...) or auto (from the model's config)"),
             batch_size: int = typer.Option(8, help="batch size for the memory estimate"),
             seq_len: int = typer.Option(128, help="sequence length for the memory estimate"),
-            num_labels: int = typer.Option(2, help="classes, for text-classification"),
+            image_size: Optional[int] = typer.Option(None, help="image models: the image side in pixels for the "
+                                                     "memory estimate (default: the model's preprocessor size)"),
+            num_labels: int = typer.Option(2, help="classes, for the tasks with a new head"),
             as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """What can be adapted in MODEL, and what each method would cost."""
     from . import inspect as insp
 
     with exit_on_user_error():
-        report = insp.inspect_model(model, task=task, batch_size=batch_size, seq_len=seq_len, num_labels=num_labels)
+        report = insp.inspect_model(model, task=task, batch_size=batch_size, seq_len=seq_len, num_labels=num_labels,
+                                    image_size=image_size)
     if as_json:
         print(json.dumps(report, indent=2))
         return

@@ -35,8 +35,11 @@ from .tasks.spec import TaskSpec
 
 
 def detect_task(config) -> str:
-    """The task a model's config suggests: a decoder (a causal-LM architecture) trains its own output layer,
-    any other model gets a new head, on token inputs."""
+    """The task a model's config suggests: a config with image channels and no vocabulary classifies images;
+    a decoder (a causal-LM architecture) trains its own output layer, any other model gets a new head, on token
+    inputs."""
+    if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):
+        return next(spec.name for spec in TASKS.values() if spec.inputs == "images" and spec.auto_model)
     archs = getattr(config, "architectures", None) or []
     decoder = any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False)
     return next(spec.name for spec in TASKS.values() if spec.inputs == "tokens" and spec.has_head != decoder)
@@ -64,10 +67,14 @@ def _meta_model(source: ModelSource, task: str, num_labels: int,
     spec = _inspectable(detect_task(config) if task == "auto" else task)
     if spec.has_head:
         config.num_labels = num_labels
-        if getattr(config, "pad_token_id", None) is None:
+        if spec.inputs == "tokens" and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = 0
     with torch.device("meta"):
         model = getattr(transformers, spec.auto_model).from_config(config, trust_remote_code=trust_remote_code)
+    if spec.inputs == "images":  # as training builds it: a ViT at another size, BatchNorm frozen
+        from .tasks.image_classification import adapt_loaded
+
+        adapt_loaded(model)
     return model, spec.name
 
 
@@ -189,6 +196,11 @@ def step_bytes(model, batch: dict) -> dict:
 
 
 def dummy_batch(task: str, batch_size: int, seq_len: int, device: str = "meta", vocab: int = 100) -> dict:
+    """A training batch of the task's inputs: `seq_len` tokens per example, or for an image task RGB images of
+    `seq_len` x `seq_len` pixels (what the task's collate gives the model: 3 channels, any image mode)."""
+    if task_spec(task).inputs == "images":
+        pixels = torch.zeros(batch_size, 3, seq_len, seq_len, device=device)
+        return {"pixel_values": pixels, "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
     if device != "meta":
         ids = torch.randint(5, vocab, (batch_size, seq_len), device=device)
@@ -296,15 +308,22 @@ def _quiet_dependencies():
 
 
 def inspect_model(name: str, task: str = "auto", batch_size: int = 8, seq_len: int = 128, num_labels: int = 2,
-                  methods: list[str] | None = None, trust_remote_code: bool = False) -> dict:
+                  methods: list[str] | None = None, trust_remote_code: bool = False,
+                  image_size: int | None = None) -> dict:
+    """The report; an image model's batch holds `image_size` x `image_size` images (default: its own size)."""
     with _quiet_dependencies():
-        return _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_code)
+        return _inspect(name, task, batch_size, seq_len, num_labels, methods, trust_remote_code, image_size)
 
 
 def _inspect(name: str, task: str, batch_size: int, seq_len: int, num_labels: int, methods: list[str] | None,
-             trust_remote_code: bool) -> dict:
+             trust_remote_code: bool, image_size: int | None) -> dict:
     source = resolve(name)
     model, task = _meta_model(source, task, num_labels, trust_remote_code)
+    images = task_spec(task).inputs == "images"
+    if images:  # the image side takes the sequence length's place in the batch
+        from .tasks.image_classification import default_image_size
+
+        seq_len = image_size or default_image_size(source, model.config)
     blocks_name, blocks = find_blocks(model)
     kinds = Counter()
     for _, mod in model.named_modules():
@@ -325,7 +344,7 @@ def _inspect(name: str, task: str, batch_size: int, seq_len: int, num_labels: in
         "head": heads,
         "target_modules": [{"name": n, "peft_name": n.split(".")[-1], "example": f"{blocks_name}.0.{n}",
                             "weight_shape": shapes.get(n)} for n in targets],
-        "batch_size": batch_size, "seq_len": seq_len,
+        "batch_size": batch_size, **({"image_size": seq_len} if images else {"seq_len": seq_len}),
         "methods": rows,
         "estimate": "training memory = fp32 weights and buffers + AdamW state (2x trainable) + the peak of one "
                     "forward + backward pass (saved activations, temporaries, gradients; fp32, run on the meta device)",
@@ -354,7 +373,8 @@ def print_report(r: dict, console) -> None:
         t.add_row(m["name"], m["peft_name"], "x".join(map(str, m["weight_shape"] or [])))
     console.print(t)
     # fits 80 columns: method names never wrap, headers are short, the numbers are narrow
-    t = Table(title=f"methods at default options (MB for batch {r['batch_size']} x {r['seq_len']} tokens)",
+    per_example = f"{r['image_size']} px images" if "image_size" in r else f"{r['seq_len']} tokens"
+    t = Table(title=f"methods at default options (MB for batch {r['batch_size']} x {per_example})",
               show_edge=False)
     t.add_column("method", no_wrap=True)
     for c in ("trainable", "share", "train", "ckpt", "saved", "adapter", "merge"):

@@ -37,6 +37,16 @@ class PTuningConfig(StrictModel):
     encoder_hidden_size: int = Field(128, ge=1, description="hidden size of the prompt encoder")
 
 
+def _token_inputs(name: str, ctx: MethodContext) -> None:
+    """Virtual tokens go into a sequence of token embeddings; an image model has none (peft has no prompt learning
+    for a model without a task type: it would fail deep inside peft)."""
+    inputs = task_spec(ctx.task).inputs
+    if inputs != "tokens":
+        raise MethodError(f"method {name} adds virtual tokens to a token sequence; task {ctx.task} takes {inputs}, "
+                          "not tokens. Use a LoRA-family method, ia3, a partial method (bitfit, last-n-layers, "
+                          "head-only) or full")
+
+
 def _finish(model, pc, ctx: MethodContext):
     from peft import get_peft_model
 
@@ -46,6 +56,7 @@ def _finish(model, pc, ctx: MethodContext):
 
 
 def apply_prompt(model, cfg: PromptTuningConfig, ctx):
+    _token_inputs("prompt-tuning", ctx)
     from peft import PromptTuningConfig as P, PromptTuningInit
 
     kw = {}
@@ -57,6 +68,7 @@ def apply_prompt(model, cfg: PromptTuningConfig, ctx):
 
 
 def apply_prefix(model, cfg: PrefixTuningConfig, ctx):
+    _token_inputs("prefix-tuning", ctx)
     from peft import PrefixTuningConfig as P
 
     # a language model (its output layer is the head) is a decoder; another model says so in its config
@@ -70,6 +82,7 @@ def apply_prefix(model, cfg: PrefixTuningConfig, ctx):
 
 
 def apply_ptuning(model, cfg: PTuningConfig, ctx):
+    _token_inputs("p-tuning", ctx)
     from peft import PromptEncoderConfig as P
 
     return _finish(model, P(task_type=ctx.task_type, num_virtual_tokens=cfg.num_virtual_tokens,

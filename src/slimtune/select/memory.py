@@ -1,7 +1,9 @@
 """Which candidates fit in select.memory: `slimtune inspect`'s estimate of the training memory (built on the meta
-device from the model's config: no weights are loaded), at the config's train.batch_size x model.max_length,
-with train.gradient_checkpointing's checkpointed figure when it is on. The estimate is at the method's default
-options (inspect's table), so a config's own larger rank costs a little more than it says."""
+device from the model's config: no weights are loaded), at the config's train.batch_size x the largest input a
+training example gives the model (model.max_length tokens; for images the side training resizes to, the largest
+of progressive resizing included), with train.gradient_checkpointing's checkpointed figure when it is on. The
+estimate is at the method's default options (inspect's table), so a config's own larger rank costs a little more
+than it says."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,13 +23,17 @@ def _mb(value: int) -> str:
 def estimates(cfg: RunConfig, candidates: list[Candidate], num_labels: int) -> dict[str, dict[str, Any]]:
     """Per candidate label: {"bytes": estimated training memory or None, "note": why there is none}."""
     from ..inspect import inspect_model
+    from ..models import resolve
+    from ..tasks import get_task
 
+    task = get_task(cfg.task)
     out: dict[str, dict[str, Any]] = {}
     for model in dict.fromkeys(c.model for c in candidates):
         methods = [c.method for c in candidates if c.model == model]
         try:
-            report = inspect_model(model, task=cfg.task, batch_size=cfg.train.batch_size,
-                                   seq_len=cfg.model.max_length, num_labels=max(2, num_labels), methods=methods,
+            size = task.largest_input(cfg, resolve(model))  # tokens, or an image task's side (inspect reads which)
+            report = inspect_model(model, task=cfg.task, batch_size=cfg.train.batch_size, seq_len=size,
+                                   image_size=size, num_labels=max(2, num_labels), methods=methods,
                                    trust_remote_code=cfg.model.trust_remote_code)
             rows = {row["method"]: row for row in report["methods"]}
         except Exception as e:  # a model inspect cannot build on meta (an image task, custom code): the estimate is

@@ -27,7 +27,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     # peft_task_type None: peft's plain PeftModel, the model's own forward (pixel_values, labels)
     TaskSpec("image-classification", "slimtune.tasks.image_classification",
              _CLASSIFICATION + ("top2_accuracy", "top3_accuracy", "top5_accuracy"), _CLASSIFICATION,
-             "accuracy", "samples", None, "images"),
+             "accuracy", "samples", None, "images", auto_model="AutoModelForImageClassification"),
     # float targets, standardised for training; the head gets the new-head rate as text-classification's does
     TaskSpec("regression", "slimtune.tasks.regression", _REGRESSION, _REGRESSION, "rmse", "samples", "SEQ_CLS",
              "tokens", new_head_lr_mult=10.0, keep_last_token=True, lower_is_better=frozenset({"rmse", "mae", "loss"}),

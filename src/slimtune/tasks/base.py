@@ -77,6 +77,11 @@ class Task:
         check_source_max_length(cfg, source, tokenizer)
         return tokenizer
 
+    def largest_input(self, cfg: RunConfig, source: ModelSource) -> int:
+        """The largest input one training example gives the model (the memory estimate of `slimtune select
+        --memory` is made at it): model.max_length tokens; an image task's side in pixels."""
+        return cfg.model.max_length
+
     def load_model(self, cfg: RunConfig, source: ModelSource, splits: Splits, **load_kwargs) -> LoadedModel:
         raise NotImplementedError
 

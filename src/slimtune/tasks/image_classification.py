@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ def _frozen_batchnorm(model: torch.nn.Module) -> None:
             m.register_forward_pre_hook(keep_eval)
 
 
-def _interpolate_positions(model: torch.nn.Module) -> None:
+def interpolate_positions(model: torch.nn.Module) -> None:
     """ViT-style models: position embeddings interpolated when the image size differs from the
     pretraining size (progressive resizing, image.size); the default forward would refuse."""
     import inspect
@@ -138,6 +138,25 @@ def _interpolate_positions(model: torch.nn.Module) -> None:
             return args, kwargs
 
         model.register_forward_pre_hook(add_kwarg, with_kwargs=True)
+
+
+def default_image_size(source: ModelSource, config: Any) -> int:
+    """The side a model in a folder is fed at when nothing says otherwise (`slimtune inspect`): its
+    preprocessor_config.json's size (what training resizes to), else its config's image_size, else 224."""
+    try:
+        size = spec_from_processor_config(source.path).get("size") if Path(source.path).is_dir() else None
+    except (OSError, ValueError, TypeError):  # an unreadable file: training says so; the estimate falls back
+        size = None
+    size = size or getattr(config, "image_size", None)
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else 224
+
+
+def adapt_loaded(model: torch.nn.Module) -> None:
+    """What training does to a transformers image classifier once it is built, and `slimtune inspect` to its
+    meta-device copy (so the estimate runs the forward that training runs): ViT-style position embeddings
+    interpolated for other image sizes, BatchNorm statistics frozen."""
+    interpolate_positions(model)
+    _frozen_batchnorm(model)
 
 
 # -- features and batches ----------------------------------------------------
@@ -205,6 +224,11 @@ class ImageClassification(Classification):
                                    "trained with")
         return processor
 
+    def largest_input(self, cfg: RunConfig, source: ModelSource) -> int:
+        """The final size, or a larger one progressive resizing trains at."""
+        sizes = [size for _, size in cfg.train.image_size_schedule or []]
+        return max([self.load_processor(cfg, source).spec.size, *sizes])
+
     def load_model(self, cfg: RunConfig, source: ModelSource, splits: Splits, **load_kwargs) -> LoadedModel:
         labels = splits.meta["labels"]
         if source.origin == "factory":
@@ -212,6 +236,7 @@ class ImageClassification(Classification):
 
             model, head = build(source.path, len(labels), labels, cfg.model.factory_args)
             head_is_new = True
+            _frozen_batchnorm(model)
         else:
             from transformers import AutoModelForImageClassification
 
@@ -227,8 +252,7 @@ class ImageClassification(Classification):
             own = {"classifier"} if hasattr(model, "classifier") else set()
             head = sorted({m.split(".")[0] for m in new_modules} | own)
             head_is_new = bool(new_modules)
-            _interpolate_positions(model)
-        _frozen_batchnorm(model)
+            adapt_loaded(model)
         return LoadedModel(model, head, head_is_new)
 
     def featurize(self, cfg: RunConfig, processor: ImageProcessor, splits: Splits) -> dict[str, list[Example]]:
