@@ -31,6 +31,8 @@ compares means over the seeds:
     flock /tmp/slimtune-bench.lock python benchmarks/bench_token_classification.py       # about 5 minutes a seed
     flock /tmp/slimtune-bench.lock python benchmarks/bench_token_classification.py --seeds 42,43,44
     python benchmarks/bench_token_classification.py --quick                            # smoke run
+    flock /tmp/slimtune-bench.lock python benchmarks/bench_token_classification.py --seeds 42,43,44 \
+        --variants slimtune-random --out /tmp/ablation.json    # slimtune with random batches (the sampler alone)
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ SEED = 42
 PARAMS = {"n_train": 400, "epochs": 8, "batch_size": 16, "lr": 2e-3, "warmup": 0.06, "max_length": 128,
           "weight_decay": 0.01, "max_grad_norm": 1.0}
 VARIANTS = ("slimtune", "hf-default", "hf-grouped")
+# the ablation that separates the sampler from the rest: slimtune with train.group_by_length: false (random
+# batches, as hf-default); run with --variants, never part of the verdict
+ABLATIONS = ("slimtune-random",)
 
 
 def corpus_file() -> Path | None:
@@ -121,7 +126,7 @@ def entity_f1(model, tok, words: list[list[str]], gold: list[list[str]], labels:
 
 # -- children --------------------------------------------------------------------------------------------------
 
-def child_slimtune(p: dict, files: dict, tmp: str, seed: int) -> dict:
+def child_slimtune(p: dict, files: dict, tmp: str, seed: int, grouped: bool = True) -> dict:
     import torch
 
     import slimtune
@@ -136,7 +141,7 @@ def child_slimtune(p: dict, files: dict, tmp: str, seed: int) -> dict:
         "train": {"epochs": p["epochs"], "batch_size": p["batch_size"], "lr": p["lr"], "schedule": "linear",
                   "warmup": warmup_steps(p["warmup"], steps_total(p)), "weight_decay": p["weight_decay"],
                   "max_grad_norm": p["max_grad_norm"], "precision": "bf16" if host_bf16() else "fp32", "seed": seed,
-                  "log_every": 25},
+                  "log_every": 25, "group_by_length": grouped},
         "eval": {"every_steps": 10**9},  # once, at the end: no checkpoint is picked by the test sentences
         "output": {"dir": tmp, "name": "slimtune", "save_checkpoints": False},
     }
@@ -211,8 +216,8 @@ def child_hf(p: dict, files: dict, tmp: str, grouped: bool, seed: int) -> dict:
 
 def child(variant: str, plan: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        if variant == "slimtune":
-            row = child_slimtune(plan["params"], plan["files"], tmp, plan["seed"])
+        if variant.startswith("slimtune"):
+            row = child_slimtune(plan["params"], plan["files"], tmp, plan["seed"], grouped=variant == "slimtune")
         else:
             row = child_hf(plan["params"], plan["files"], tmp, grouped=variant == "hf-grouped", seed=plan["seed"])
     print("RESULT " + json.dumps(row))
@@ -233,10 +238,13 @@ def summarize(runs: dict[int, dict]) -> dict:
     """Per variant: mean / sd / per-seed test F1 and throughput; slimtune against HF's faster sampler (by mean
     throughput) and against HF's random sampler, both on the seeds' means."""
     seeds = sorted(runs)
+    ran = [v for v in (*VARIANTS, *ABLATIONS) if all(v in runs[s] for s in seeds)]
     per = {v: {"f1": [runs[s][v]["test"]["f1"] for s in seeds],
-               "samples_per_s": [runs[s][v]["samples_per_s"] for s in seeds]} for v in VARIANTS}
+               "samples_per_s": [runs[s][v]["samples_per_s"] for s in seeds]} for v in ran}
     stats = {v: {"f1_mean": _mean(d["f1"]), "f1_sd": _sd(d["f1"]), "f1_by_seed": dict(zip(seeds, d["f1"])),
                  "samples_per_s_mean": _mean(d["samples_per_s"])} for v, d in per.items()}
+    if not {"slimtune", "hf-default", "hf-grouped"} <= set(stats):  # an ablation run alone: its numbers only
+        return {"seeds": seeds, "variants": stats}
     best_hf = max(("hf-default", "hf-grouped"), key=lambda v: stats[v]["samples_per_s_mean"])
     ours = stats["slimtune"]
     summary = {
@@ -254,7 +262,9 @@ def summarize(runs: dict[int, dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 epochs: a smoke run")
-    ap.add_argument("--child", choices=VARIANTS)
+    ap.add_argument("--child", choices=(*VARIANTS, *ABLATIONS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, of {', '.join((*VARIANTS, *ABLATIONS))}")
     ap.add_argument("--plan")
     ap.add_argument("--seeds", default=str(SEED), help="comma-separated training seeds, each runs every variant")
     ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many s for idle CPUs per variant")
@@ -279,7 +289,7 @@ def main() -> None:
             plan_file = Path(tmp) / f"plan-{seed}.json"
             plan_file.write_text(json.dumps({"params": params, "files": files, "seed": seed}))
             runs[seed] = {}
-            for variant in VARIANTS:
+            for variant in args.variants.split(","):
                 row, err = run_result_child([sys.executable, __file__, "--child", variant, "--plan", str(plan_file)],
                                             args.wait_quiet)
                 if row is None:
