@@ -127,7 +127,7 @@ def _frozen_batchnorm(model: torch.nn.Module) -> None:
             m.register_forward_pre_hook(keep_eval)
 
 
-def interpolate_positions(model: torch.nn.Module) -> None:
+def _interpolate_positions(model: torch.nn.Module) -> None:
     """ViT-style models: position embeddings interpolated when the image size differs from the
     pretraining size (progressive resizing, image.size); the default forward would refuse."""
     import inspect
@@ -142,20 +142,23 @@ def interpolate_positions(model: torch.nn.Module) -> None:
 
 def default_image_size(source: ModelSource, config: Any) -> int:
     """The side a model in a folder is fed at when nothing says otherwise (`slimtune inspect`): its
-    preprocessor_config.json's size (what training resizes to), else its config's image_size, else 224."""
+    preprocessor_config.json's size (what training resizes to), else its config's image_size, else the size
+    training falls back to (ImageSpec's default)."""
     try:
         size = spec_from_processor_config(source.path).get("size") if Path(source.path).is_dir() else None
     except (OSError, ValueError, TypeError):  # an unreadable file: training says so; the estimate falls back
         size = None
     size = size or getattr(config, "image_size", None)
-    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else 224
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else ImageSpec.__dataclass_fields__["size"].default
 
 
 def adapt_loaded(model: torch.nn.Module) -> None:
     """What training does to a transformers image classifier once it is built, and `slimtune inspect` to its
     meta-device copy (so the estimate runs the forward that training runs): ViT-style position embeddings
     interpolated for other image sizes, BatchNorm statistics frozen."""
-    interpolate_positions(model)
+    _interpolate_positions(model)
     _frozen_batchnorm(model)
 
 
