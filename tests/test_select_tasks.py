@@ -47,9 +47,11 @@ def _measured(model_name: str, method: str, batch_size: int, size: int) -> int:
 def test_image_model_memory_estimate_matches_a_measured_step(image_models, kind, size):
     """The estimate (meta device) against the peak bytes of a real CPU training step, at the model's own size (its
     preprocessor's, 32 px) and at another one (a ViT then interpolates its position embeddings, as training makes
-    it): within 0.1% where the step's peak is made of tensors; a ResNet's convolution backward on the CPU also
-    allocates scratch space that the meta device does not (measured at 64-224 px: LoRA 5-6%, full 10-11% more than
-    the estimate), so there the estimate is a lower bound within 15%."""
+    it): within 0.1% where the step's peak is made of tensors; a ResNet's convolutions on the CPU also allocate
+    scratch space that the meta device does not, and how much depends on the host's kernels (measured at 64-224 px:
+    on an AVX2 host LoRA 5-6% and full 10-11% more than the estimate, head-only none; on an AVX512 host, where
+    oneDNN reorders to blocked layouts, LoRA 10%, full 14%, head-only 33%), so there the estimate is a lower bound
+    within 40%."""
     report = insp.inspect_model(image_models[kind], batch_size=4, image_size=size,
                                 methods=["lora", "full", "head-only"])
     assert report["task"] == "image-classification" and report["image_size"] == (size or 32)
@@ -57,8 +59,8 @@ def test_image_model_memory_estimate_matches_a_measured_step(image_models, kind,
     for row in report["methods"]:
         assert row.get("activation_bytes"), row  # the forward ran on the meta device
         measured = _measured(image_models[kind], row["method"], 4, size or 32)
-        if kind == "resnet" and row["method"] != "head-only":
-            assert 0.85 * measured <= row["train_memory_bytes"] <= measured, (row, measured)
+        if kind == "resnet":
+            assert 0.6 * measured <= row["train_memory_bytes"] <= measured, (row, measured)
         else:
             assert row["train_memory_bytes"] == pytest.approx(measured, rel=0.001), (row, measured)
 
