@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="the backbone (default: bench_select's all-MiniLM-L6-v2)")
     ap.add_argument("--head-lrs", default="default", help="the head's rates, e.g. default,2e-3,7e-4")
     ap.add_argument("--scale-only", action="store_true", help="print the head input's L1 norm per set and model")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON file; rows already in it are kept and added to")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     rungs = [int(x) for x in args.rungs.split(",") if x]
     heads = [None if x == "default" else float(x) for x in args.head_lrs.split(",")]
     out = {"machine": machine(), "versions": versions(), "rows": []}
+    if args.out and Path(args.out).is_file():  # a grid measured in pieces: rows accumulate (delete it to restart)
+        out["rows"] = json.loads(Path(args.out).read_text())["rows"]
     for name in args.sets.split(","):
         files = SETS[name](Path(args.datasets), tmp, 2000)
         if files is None:
