@@ -79,24 +79,6 @@ def test_same_loss_and_gradients(model_fixture, task, method, options, request):
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-def test_same_loss_and_gradients_with_fast_dropout_shared_by_lora_inputs(tiny_llama):
-    """slimtune's CPU dropout (its LoRA input dropouts share a mask over q / k / v and gate / up, which read
-    one tensor): the recomputation draws the same masks and shares them the same way."""
-    from slimtune.train.dropout import FastDropout, use_fast_dropout
-
-    models = [_model(tiny_llama, "causal-lm", "lora", ckpt, dropout=0.2) for ckpt in (False, True)]
-    for model in models:
-        use_fast_dropout(model)
-        assert sum(isinstance(m, FastDropout) and m.share_input for m in model.modules()) > 0
-    batch = _batch("causal-lm", 4, 12, models[0].config.vocab_size)
-    (loss, grads), (loss_ckpt, grads_ckpt) = (_step(m, batch) for m in models)
-    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
-    assert grads.keys() == grads_ckpt.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    assert any(g.abs().sum() > 0 for g in grads.values())
-
-
 @pytest.fixture(scope="module")
 def llama_deep(tmp_path_factory) -> str:
     """Deep and wide enough that the saved activations dwarf the weights, small enough for a fast step."""
