@@ -155,3 +155,66 @@ def test_prompt_learning_on_an_image_model_is_refused_with_the_reason(tmp_path, 
             slimtune.run(cfg)
     rows = insp.inspect_model(image_models["vit"], methods=["prompt-tuning", "lora"])["methods"]
     assert "takes images, not tokens" in rows[0]["error"] and "error" not in rows[1]
+
+
+def test_factory_candidates_race_resume_and_land_in_best_yaml(tmp_path, image_models, monkeypatch):
+    """A candidate may be a factory ('file.py:function', as model.factory takes): its trials build the model with
+    it, a promoted one resumes from its checkpoint (the select's own trial, running the code the user named here:
+    no --trust-run-code needed), it races without a memory estimate (inspect cannot build user code), and
+    best.yaml runs it."""
+    import yaml
+    from test_vision_e2e import FACTORY
+
+    import slimtune
+    from slimtune.select import select
+
+    (tmp_path / "mynet.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    data = write_image_folder(tmp_path / "images", 12)
+    cfg = image_config(image_models["resnet"], str(data), tmp_path / "out", epochs=2)
+    logs = []
+    mixed = select(cfg, models=f"mynet.py:build,{image_models['resnet']}", methods="lora", memory="64GB",
+                   eta=2, min_fraction=0.5, name="mixed", log=logs.append)
+    entry = {c["model"]: c for c in mixed.candidates}
+    factory = entry["mynet.py:build"]
+    assert factory["memory_estimate_bytes"] is None and "no estimate" in factory["memory_note"]
+    assert entry[image_models["resnet"]]["memory_estimate_bytes"] > 0
+    for c in mixed.candidates:
+        assert c["trials"] and all(t["status"] != "failed" for t in c["trials"]), c
+    trial = yaml.safe_load((Path(factory["trials"][0]["run_dir"]) / "config.yaml").read_text())
+    assert trial["model"]["factory"].endswith("mynet.py:build")
+
+    # four methods, eta 2: two promoted, so two factory trials resume from their rung-0 checkpoints
+    only = select({**cfg, "model": {"factory": "mynet.py:build"}}, models="mynet.py:build",
+                  methods="lora,head-only,full,last-n-layers", eta=2, min_fraction=0.5, name="factory",
+                  log=logs.append)
+    promoted = [t for c in only.candidates for t in c["trials"] if t["rung"] == 1]
+    assert len(promoted) == 2 and all(t["status"] != "failed" for t in promoted), only.candidates
+    assert any("continuing" in line for line in logs)
+    best = yaml.safe_load((only.select_dir / "best.yaml").read_text())
+    assert best["model"]["factory"] == "mynet.py:build" and best["method"]["name"] == only.pick.method
+    assert slimtune.run(best).status == "completed"
+
+    # a trial folder whose config.yaml names other code than the candidate is not resumed without --trust-run-code
+    from slimtune.select.race import make_plan, prepare
+    from slimtune.select.trial import _runs_the_named_code, trial_path
+
+    plan, _ = make_plan(*prepare({**cfg, "model": {"factory": "mynet.py:build"}}, None, models="mynet.py:build",
+                                 methods="lora", eta=2, min_fraction=0.5, name="factory"))
+    candidate = plan.candidates[0]
+    folder = trial_path(plan, candidate)
+    assert _runs_the_named_code(folder, plan, candidate)
+    saved = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(saved.replace("mynet.py:build", "other.py:build"))
+    assert not _runs_the_named_code(folder, plan, candidate)
+
+
+@pytest.mark.parametrize("name,factory", [
+    ("mynet.py:build", True), ("path/to/net.py:make_model", True), ("my_pkg.models:build", True),
+    ("org/model", False), ("path/to/folder", False), ("model.gguf", False), ("C:\\models\\bert", False),
+    ("org/model:v2", False), (":build", False), ("net.py:", False),
+])
+def test_which_candidate_strings_are_factories(name, factory):
+    from slimtune.select.plan import Candidate
+
+    assert Candidate(name, "lora").is_factory is factory

@@ -15,7 +15,7 @@ def select_cmd(
                                   "defaults the candidates replace)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides of the config: train.epochs=2"),
     models: Optional[str] = typer.Option(None, "--models", help="candidate models, comma-separated (Hub ids, "
-                                         "folders, .gguf files); overrides select.models"),
+                                         "folders, .gguf files, factories file.py:function); overrides select.models"),
     methods: Optional[str] = typer.Option(None, "--methods", help="candidate methods, comma-separated (default: "
                                           "select.methods, else the config's method)"),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="budget: wall minutes of all "

@@ -12,6 +12,14 @@ from pydantic import Field, field_validator, model_validator
 from ..schema import StrictModel, plain_name
 
 
+def is_factory_spec(name: str) -> bool:
+    """Whether a model string is a factory ('package.module:function' or 'path/file.py:function') rather than a Hub
+    id, folder or .gguf file (none of which has a ':' followed by a Python name; a Windows drive's 'C:\\' is not)."""
+    where, sep, fn = name.rpartition(":")
+    return bool(sep and where and fn.isidentifier()
+                and (where.endswith(".py") or all(part.isidentifier() for part in where.split("."))))
+
+
 class ModelConfig(StrictModel):
     name: str | None = Field(
         None,

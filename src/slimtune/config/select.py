@@ -45,8 +45,9 @@ class SelectConfig(StrictModel):
     """Model and method selection (`slimtune select`): successive halving over (model, method) pairs, each trial
     a normal run of this config with model.name, method.name, data.max_train_samples and train.max_steps set."""
 
-    models: list[str] = Field(..., description="the candidate pre-trained models: Hub ids, folders or .gguf files "
-                              "(a comma-separated string is accepted)")
+    models: list[str] = Field(..., description="the candidate pre-trained models: Hub ids, folders, .gguf files "
+                              "or factories ('file.py:function', as model.factory; a comma-separated string is "
+                              "accepted)")
     methods: list[str] | None = Field(None, description="the candidate PEFT methods (default: the config's method); "
                                       "the config's method options apply to its own method, the others run at "
                                       "their defaults")

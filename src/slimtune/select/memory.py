@@ -30,6 +30,10 @@ def estimates(cfg: RunConfig, candidates: list[Candidate], num_labels: int) -> d
     out: dict[str, dict[str, Any]] = {}
     for model in dict.fromkeys(c.model for c in candidates):
         methods = [c.method for c in candidates if c.model == model]
+        if Candidate(model, "").is_factory:  # user code: inspect builds models from configs on the meta device
+            out.update({Candidate(model, m).label: {"bytes": None, "note": "no estimate: a model.factory model is "
+                        "built by its own code, which inspect does not run"} for m in methods})
+            continue
         try:
             size = task.largest_input(cfg, resolve(model))  # tokens, or an image task's side (inspect reads which)
             report = inspect_model(model, task=cfg.task, batch_size=cfg.train.batch_size, seq_len=size,

@@ -61,14 +61,19 @@ def check_models(models: list[str], cfg: RunConfig) -> None:
     trial runs."""
     from ..errors import ModelError
     from ..models import resolve
+    from ..models.factory import factory_source
 
     for name in models:
         try:
+            if Candidate(name, "").is_factory:
+                factory_source(name)  # imported as model.factory is: the user named this code
+                continue
             resolve(name, None, cfg.model.revision)
         except ModelError as e:
             reason = str(e).removeprefix("model.name: ")
             raise ConfigError(f"select.models: {name!r} does not resolve: {reason} (accepted: a folder with a "
-                              "config.json, a .gguf file, or a Hub id that is cached or reachable)") from None
+                              "config.json, a .gguf file, a Hub id that is cached or reachable, or a factory "
+                              "'path/file.py:function' / 'package.module:function')") from None
 
 
 def make_plan(cfg: RunConfig, name: str) -> tuple[SelectPlan, int]:

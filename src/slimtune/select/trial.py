@@ -38,8 +38,12 @@ COSTS = ("train_seconds", "wall_seconds", "energy_kwh")  # a rung's row holds it
 
 def trial_data(plan: SelectPlan, candidate: Candidate) -> dict[str, Any]:
     """The trial's run config: the base with model.name and method.name set (as a sweep's trial sets a sampled
-    method: the options the config gives that the candidate's method has are kept)."""
-    return trial_config(plan.base, {"method.name": candidate.method, "model.name": candidate.model})
+    method: the options the config gives that the candidate's method has are kept); a factory candidate sets
+    model.factory too, and a named model clears the base's factory."""
+    keys = {"method.name": candidate.method, "model.name": candidate.model}
+    if candidate.is_factory or (plan.base.get("model") or {}).get("factory"):
+        keys["model.factory"] = candidate.model if candidate.is_factory else None
+    return trial_config(plan.base, keys)
 
 
 def trial_name(plan: SelectPlan, candidate: Candidate) -> str:
@@ -92,6 +96,21 @@ class LatencyProbe:
                                            "batch_size": 1, "device": str(device)})
 
 
+def _runs_the_named_code(path: Path, plan: SelectPlan, candidate: Candidate) -> bool:
+    """Whether resuming the trial folder runs only the code this select was told to run: its config.yaml names the
+    same factory (or remote-code model) as the candidate's trial config. Then the promotion needs no
+    --trust-run-code (the user named that code for this select); a folder whose config.yaml says otherwise is
+    refused as any run folder from elsewhere is (track/guard.py)."""
+    from ..config import config_from_dict, load_config
+
+    try:
+        saved, wanted = load_config(path / "config.yaml").model, config_from_dict(trial_data(plan, candidate)).model
+    except Exception:  # unreadable: not trusted, and the resume reports what is wrong with it
+        return False
+    keys = ("name", "factory", "trust_remote_code", "revision")
+    return all(getattr(saved, k) == getattr(wanted, k) for k in keys)
+
+
 def run_trial(plan: SelectPlan, candidate: Candidate, rung: int, log: Log) -> dict[str, Any]:
     """The trial's row at this rung: read back when recorded, else the run trained on (or started) to the rung's
     pause step. A trial that fails is a row with its error; an interrupt propagates (the run saved its checkpoint)."""
@@ -110,7 +129,7 @@ def run_trial(plan: SelectPlan, candidate: Candidate, rung: int, log: Log) -> di
             # promoted (paused at the last rung), interrupted (Ctrl-C) or killed outright: on from its checkpoint
             log(f"[select] {candidate.label} rung {rung}: {'continuing' if status == 'paused' else 'resuming'} "
                 f"{path} to {fraction:.3g} of its steps")
-            run(None, resume=path, callbacks=callbacks)
+            run(None, resume=path, callbacks=callbacks, trust_run_code=_runs_the_named_code(path, plan, candidate))
         else:
             if path.exists():  # a start that never trained or that failed: nothing of it is kept
                 shutil.rmtree(path)
