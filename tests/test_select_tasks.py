@@ -215,6 +215,6 @@ def test_factory_candidates_race_resume_and_land_in_best_yaml(tmp_path, image_mo
     ("org/model:v2", False), (":build", False), ("net.py:", False),
 ])
 def test_which_candidate_strings_are_factories(name, factory):
-    from slimtune.select.plan import Candidate
+    from slimtune.config.sections import is_factory_spec
 
-    assert Candidate(name, "lora").is_factory is factory
+    assert is_factory_spec(name) is factory

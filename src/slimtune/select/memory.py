@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import RunConfig
+from ..config.sections import is_factory_spec
 from ..errors import SlimtuneError
 from .plan import Candidate
 
@@ -30,7 +31,7 @@ def estimates(cfg: RunConfig, candidates: list[Candidate], num_labels: int) -> d
     out: dict[str, dict[str, Any]] = {}
     for model in dict.fromkeys(c.model for c in candidates):
         methods = [c.method for c in candidates if c.model == model]
-        if Candidate(model, "").is_factory:  # user code: inspect builds models from configs on the meta device
+        if is_factory_spec(model):  # user code: inspect builds models from configs on the meta device
             out.update({Candidate(model, m).label: {"bytes": None, "note": "no estimate: a model.factory model is "
                         "built by its own code, which inspect does not run"} for m in methods})
             continue

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config.sections import is_factory_spec
 from ..errors import SlimtuneError
 from ..train.callbacks import pause_step
 
@@ -26,11 +25,6 @@ class Candidate:
     @property
     def label(self) -> str:
         return f"{self.model} + {self.method}"
-
-    @property
-    def is_factory(self) -> bool:
-        """The model is a factory ('file.py:function', 'package.module:function'): trials set model.factory."""
-        return is_factory_spec(self.model)
 
     def slug(self) -> str:
         """A folder-name part: the model's last path component, the method, and a hash of the full model name (two

@@ -59,13 +59,14 @@ def prepare(config: str | Path | dict | RunConfig, overrides: list[str] | None =
 def check_models(models: list[str], cfg: RunConfig) -> None:
     """Every candidate model resolves (a folder with config.json, a .gguf file, a Hub id in the cache) before any
     trial runs."""
+    from ..config.sections import is_factory_spec
     from ..errors import ModelError
     from ..models import resolve
     from ..models.factory import factory_source
 
     for name in models:
         try:
-            if Candidate(name, "").is_factory:
+            if is_factory_spec(name):
                 factory_source(name)  # imported as model.factory is: the user named this code
                 continue
             resolve(name, None, cfg.model.revision)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config.sections import is_factory_spec
 from ..config.sweep_keys import trial_config
 from ..errors import SlimtuneError
 from ..track import atomic
@@ -41,8 +42,9 @@ def trial_data(plan: SelectPlan, candidate: Candidate) -> dict[str, Any]:
     method: the options the config gives that the candidate's method has are kept); a factory candidate sets
     model.factory too, and a named model clears the base's factory."""
     keys = {"method.name": candidate.method, "model.name": candidate.model}
-    if candidate.is_factory or (plan.base.get("model") or {}).get("factory"):
-        keys["model.factory"] = candidate.model if candidate.is_factory else None
+    factory = is_factory_spec(candidate.model)
+    if factory or (plan.base.get("model") or {}).get("factory"):
+        keys["model.factory"] = candidate.model if factory else None
     return trial_config(plan.base, keys)
 
 
