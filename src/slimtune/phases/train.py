@@ -20,6 +20,7 @@ from ..track.rundir import git_hash, hardware, versions
 from ..train import checkpoint
 from ..train.activation_checkpointing import check_checkpointing, enable_checkpointing
 from ..train.callbacks import UNTESTED, Callback, EarlyStopping, MethodStep, fire
+from ..train.fused_lora import fuse_lora_forward
 from ..train.groups import Groups, split_groups
 from ..train.loop import Loop, LoopData, interrupts_deferred
 from ..train.optim import build_optimizer, param_lr_scale, trainable_per_group
@@ -66,6 +67,7 @@ def build_model(setup: Setup, inputs: Inputs, folder: RunFolder, batches: Batche
         from ..train.dropout import use_fast_dropout
 
         use_fast_dropout(model)
+    fuse_lora_forward(model)  # after the dropout swap: the fused forward draws FastDropout's masks itself
     enable_checkpointing(model, cfg.train.gradient_checkpointing)  # before DDP wraps it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

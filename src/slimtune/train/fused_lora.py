@@ -1,0 +1,54 @@
+"""LoRA's forward with its scaling and residual add done by the second matmul.
+
+peft's `lora.Linear` computes `result + lora_B(lora_A(dropout(x))) * scaling`. Past the two small matmuls (rank r)
+that is full-width elementwise work on every adapted layer: forward, the `* scaling` and the `+` over the layer's
+output ([tokens, out]) and the dropout's `x * 1 / (1 - p)` over its input ([tokens, in]); backward, the gradient
+of the `* scaling` and of the dropout's scale. On CPU each is a pass through memory about as long as the rank-8
+matmul itself. Here the scaling (and the dropout's 1 / (1 - p), which commutes with the matmuls) is the `alpha`
+of one `addmm` that also adds the base layer's output: the same function, the same dropout masks drawn from the
+same RNG (runs stay reproducible and resume exactly), rounding aside. peft has no such path; its forward stays
+the fallback for everything this does not cover (DoRA and other variants, several or mixed adapters, merged or
+disabled adapters, a LoRA bias, adapters in another dtype than the base layer's output).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from .dropout import FastDropout, keep_mask
+
+
+class FusedLoraLinear(LoraLinear):
+    """peft's LoRA Linear (same parameters, state dict and methods) with the fused forward."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self.active_adapters
+        name = adapters[0] if len(adapters) == 1 else None
+        if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+                or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        if isinstance(dropout, FastDropout) and dropout.training and 0.0 < dropout.p < 1.0:
+            mask, scale = keep_mask(x.shape, dropout.p, x.device)  # FastDropout's draw: the same mask
+            x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        else:
+            x, scale = dropout(x), 1.0
+        h = lora_a(x)
+        if h.dtype != result.dtype:  # adapters kept in fp32 beside a 16-bit base, no autocast: peft's arithmetic
+            return (result + lora_b(h) * (self.scaling[name] * scale)).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
+                          alpha=self.scaling[name] * scale)
+        return out.view(result.shape)
+
+
+def fuse_lora_forward(model: nn.Module) -> int:
+    """Give every plain peft LoRA Linear of the model the fused forward; returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
+            n += 1
+    return n
