@@ -26,8 +26,11 @@ class FusedLoraLinear(LoraLinear):
         adapters = self.active_adapters
         name = adapters[0] if len(adapters) == 1 else None
         if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
-                or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None):
+                or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None
+                or not isinstance(self.base_layer, nn.Linear)):
             return super().forward(x, *args, **kwargs)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # 2-D throughout (nn.Linear folds the leading dimensions the same way)
         result = self.base_layer(x)
         lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
@@ -37,11 +40,15 @@ class FusedLoraLinear(LoraLinear):
         else:
             x, scale = dropout(x), 1.0
         h = lora_a(x)
+        alpha = self.scaling[name] * scale
         if h.dtype != result.dtype:  # adapters kept in fp32 beside a 16-bit base, no autocast: peft's arithmetic
-            return (result + lora_b(h) * (self.scaling[name] * scale)).to(result.dtype)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
-                          alpha=self.scaling[name] * scale)
-        return out.view(result.shape)
+            return (result + lora_b(h) * alpha).to(result.dtype).view(*lead, result.shape[-1])
+        weight = lora_b.weight.t().to(result.dtype)  # autocast casts no in-place op's inputs
+        if self.base_layer._forward_hooks:  # a hook may hold the base output: leave it as it is
+            result = torch.addmm(result, h, weight, alpha=alpha)
+        else:  # nothing else holds the fresh base output (its backward keeps only the input and weight)
+            result.addmm_(h, weight, alpha=alpha)
+        return result.view(*lead, result.shape[-1])
 
 
 def fuse_lora_forward(model: nn.Module) -> int:
