@@ -5,8 +5,10 @@ that is full-width elementwise work on every adapted layer: forward, the `* scal
 output ([tokens, out]) and the dropout's `x * 1 / (1 - p)` over its input ([tokens, in]); backward, the gradient
 of the `* scaling` and of the dropout's scale. On CPU each is a pass through memory about as long as the rank-8
 matmul itself. Here the scaling (and the dropout's 1 / (1 - p), which commutes with the matmuls) is the `alpha`
-of one `addmm` that also adds the base layer's output: the same function, the same dropout masks drawn from the
-same RNG (runs stay reproducible and resume exactly), rounding aside. peft has no such path; its forward stays
+of one `addmm_` that adds the update into the base layer's fresh output in place (an out-of-place addmm copies
+that output first): the same function, the same dropout masks drawn from the same RNG (runs stay reproducible
+and resume exactly), rounding aside. On the MiniLM + LoRA training step x1.07-1.12 (benchmarks/RESULTS.md,
+bench_multi_label). peft has no such path; its forward stays
 the fallback for everything this does not cover (DoRA and other variants, several or mixed adapters, merged or
 disabled adapters, a LoRA bias, adapters in another dtype than the base layer's output).
 """
