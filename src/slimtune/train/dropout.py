@@ -43,7 +43,14 @@ class FastDropout(nn.Dropout):
         if self.p >= 1.0:
             return torch.zeros_like(x)
         mask, scale = keep_mask(x.shape, self.p, x.device)
+        # scale, then zero (not where(...).mul_(scale): 1.15x the time forward and backward, 384 x 384 fp32)
         return torch.where(mask, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def zero_dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """x with this step's dropped elements zeroed, unscaled, and the scale 1 / (1 - p') that the kept ones
+        take (a consumer that is linear in x can apply it later, on a smaller tensor: train/fused_lora.py)."""
+        mask, scale = keep_mask(x.shape, self.p, x.device)
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), scale
 
 
 def use_fast_dropout(model: nn.Module) -> int:

@@ -8,9 +8,9 @@ matmul itself. Here the scaling (and the dropout's 1 / (1 - p), which commutes w
 of one `addmm_` that adds the update into the base layer's fresh output in place (an out-of-place addmm copies
 that output first): the same function, the same dropout masks drawn from the same RNG (runs stay reproducible
 and resume exactly), rounding aside. On the MiniLM + LoRA training step x1.07-1.12 (benchmarks/RESULTS.md,
-bench_multi_label). peft has no such path; its forward stays
-the fallback for everything this does not cover (DoRA and other variants, several or mixed adapters, merged or
-disabled adapters, a LoRA bias, adapters in another dtype than the base layer's output).
+bench_multi_label). peft has no such path; its forward stays the fallback for everything this does not cover
+(DoRA and other variants, several or mixed adapters, merged or disabled adapters, a LoRA bias, a base layer that
+is not nn.Linear, adapters in another dtype than the base layer's output).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from .dropout import FastDropout, keep_mask
+from .dropout import FastDropout
 
 
 class FusedLoraLinear(LoraLinear):
@@ -37,8 +37,7 @@ class FusedLoraLinear(LoraLinear):
         lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
         if isinstance(dropout, FastDropout) and dropout.training and 0.0 < dropout.p < 1.0:
-            mask, scale = keep_mask(x.shape, dropout.p, x.device)  # FastDropout's draw: the same mask
-            x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            x, scale = dropout.zero_dropped(x)  # FastDropout's own draw; its scale goes into the addmm
         else:
             x, scale = dropout(x), 1.0
         h = lora_a(x)
