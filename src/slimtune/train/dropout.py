@@ -55,7 +55,8 @@ class FastDropout(nn.Dropout):
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Replace every plain `nn.Dropout` inside the model (peft's LoRA input dropouts included) by
-    FastDropout with the same p; returns how many were replaced."""
+    FastDropout with the same p, and point the attention of every transformers model inside it that runs on
+    `sdpa` at `fast_dropout_sdpa`; returns how many modules were replaced."""
     swaps = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
@@ -65,4 +66,65 @@ def use_fast_dropout(model: nn.Module) -> int:
         fast = FastDropout(child.p, child.inplace)
         fast.train(child.training)
         setattr(parent, child_name, fast)
+    use_fast_attention_dropout(model)
     return len(swaps)
+
+
+# The attention-probability dropout is no module call: the attention layers of transformers models pass its p to
+# the attention function (AttentionInterface), and torch's CPU sdpa with dropout_p > 0 runs its math path, which
+# draws a float Bernoulli mask per probability (`bernoulli_`: 3.8 ms per MiniLM layer at 32 x 40 tokens, more than
+# the layer's four adapted projections' masks together) and checks every row for -inf (`_safe_softmax`: `isneginf`
+# + `all`, another 0.9 ms). `fast_dropout_sdpa` is that math path (fp32 throughout, as torch's is) with a
+# FastDropout mask and a plain softmax, for training with attention dropout; everything else (eval, p = 0, the
+# causal case sdpa handles by its is_causal flag, extra arguments such as a position bias) goes to transformers'
+# own sdpa function unchanged. The model's masks come from transformers' sdpa mask function, so its inputs are
+# what sdpa gets.
+FAST_DROPOUT_SDPA = "slimtune_fast_dropout_sdpa"
+
+
+def fast_dropout_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention function (same arguments, same result), with FastDropout's attention mask."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (not 0.0 < dropout < 1.0 or (causal and attention_mask is None and query.shape[2] > 1)
+            or any(v is not None and v is not False for v in kwargs.values())):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    with torch.autocast(query.device.type, enabled=False):  # fp32 like torch's math path, whatever autocast says
+        query_, key, value = query.float(), key.float(), value.float()
+        attn = torch.matmul(query_, key.transpose(-2, -1))
+        attn.mul_(scaling if scaling is not None else query.shape[-1] ** -0.5)  # matmul's backward needs no output
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:  # sdpa's convention: True attends
+                attn.masked_fill_(~attention_mask, torch.finfo(attn.dtype).min)
+            else:
+                attn.add_(attention_mask)
+        probs = torch.softmax(attn, dim=-1)
+        keep, scale = keep_mask(probs.shape, dropout, probs.device)
+        out = torch.matmul(torch.where(keep, probs, torch.zeros((), dtype=probs.dtype, device=probs.device)), value)
+        out.mul_(scale)  # the dropout's 1 / (1 - p) on the [.., query, head_dim] output, not the probabilities
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def use_fast_attention_dropout(model: nn.Module) -> int:
+    """Switch every transformers model inside `model` whose attention implementation is `sdpa` (and that follows
+    transformers' AttentionInterface) to `fast_dropout_sdpa`; returns how many. The name is not saved with a
+    config (transformers leaves `_attn_implementation` out of config.json)."""
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FAST_DROPOUT_SDPA, fast_dropout_sdpa)
+    AttentionMaskInterface.register(FAST_DROPOUT_SDPA, sdpa_mask)
+    n = 0
+    for module in model.modules():
+        if (isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa"
+                and module._can_set_attn_implementation()):
+            module.set_attn_implementation(FAST_DROPOUT_SDPA)
+            n += module.config._attn_implementation == FAST_DROPOUT_SDPA
+    return n
