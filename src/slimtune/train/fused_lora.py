@@ -8,7 +8,8 @@ matmul itself. Here the scaling (and the dropout's 1 / (1 - p), which commutes w
 of one `addmm_` that adds the update into the base layer's fresh output in place (an out-of-place addmm copies
 that output first): the same function, the same dropout masks drawn from the same RNG (runs stay reproducible
 and resume exactly), rounding aside. On the MiniLM + LoRA training step x1.07-1.12 (benchmarks/RESULTS.md,
-bench_multi_label). peft has no such path; its forward stays the fallback for everything this does not cover
+bench_multi_label). Under autocast the input is cast to 16 bits once for the base layer and the LoRA path
+(x1.04-1.09 on a bf16 host). peft has no such path; its forward stays the fallback for everything this does not cover
 (DoRA and other variants, several or mixed adapters, merged or disabled adapters, a LoRA bias, a base layer that
 is not nn.Linear, adapters in another dtype than the base layer's output).
 """
@@ -24,6 +25,8 @@ from .dropout import FastDropout
 class FusedLoraLinear(LoraLinear):
     """peft's LoRA Linear (same parameters, state dict and methods) with the fused forward."""
 
+    cast_input_once = True  # under autocast; False: as peft (benchmarks/micro_pooled.py --change cast-once)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self.active_adapters
         name = adapters[0] if len(adapters) == 1 else None
@@ -33,9 +36,17 @@ class FusedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # 2-D throughout (nn.Linear folds the leading dimensions the same way)
-        result = self.base_layer(x)
         lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        device = x.device.type
+        if self.cast_input_once and torch.is_autocast_enabled(device):
+            # autocast would cast x for the base layer and its masked copy again for lora_A (peft's input cast to
+            # the adapter's fp32 first, autocast back after): one cast feeds both, the mask zeroes 16-bit values;
+            # the same values reach both matmuls, x's two gradients add in 16 bits before their cast back
+            x = x.to(torch.get_autocast_dtype(device))
+            result = self.base_layer(x)
+        else:
+            result = self.base_layer(x)
+            x = self._cast_input_dtype(x, lora_a.weight.dtype)
         if isinstance(dropout, FastDropout) and dropout.training and 0.0 < dropout.p < 1.0:
             x, scale = dropout.zero_dropped(x)  # FastDropout's own draw; its scale goes into the addmm
         else:
