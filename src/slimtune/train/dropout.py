@@ -123,8 +123,10 @@ def use_fast_attention_dropout(model: nn.Module) -> int:
     AttentionMaskInterface.register(FAST_DROPOUT_SDPA, sdpa_mask)
     n = 0
     for module in model.modules():
-        if (isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa"
-                and module._can_set_attn_implementation()):
+        # _can_set_attn_implementation: transformers' own test (does the model's file use the interface?); where a
+        # release lacks it, set_attn_implementation below decides alone and the count says what took
+        can_set = getattr(module, "_can_set_attn_implementation", lambda: True)
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa" and can_set():
             module.set_attn_implementation(FAST_DROPOUT_SDPA)
             n += module.config._attn_implementation == FAST_DROPOUT_SDPA
     return n
