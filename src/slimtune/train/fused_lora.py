@@ -9,8 +9,8 @@ of one `addmm_` that adds the update into the base layer's fresh output in place
 that output first): the same function, the same dropout masks drawn from the same RNG (runs stay reproducible
 and resume exactly), rounding aside. On the MiniLM + LoRA training step x1.07-1.12 (benchmarks/RESULTS.md,
 bench_multi_label). Under autocast the input is cast to 16 bits once for the base layer and the LoRA path
-(x1.04-1.09 on a bf16 host). peft has no such path; its forward stays the fallback for everything this does not cover
-(DoRA and other variants, several or mixed adapters, merged or disabled adapters, a LoRA bias, a base layer that
+(x1.03-1.10 on a bf16 host). peft has no such path; its forward stays the fallback for everything this does not
+cover (DoRA and other variants, several or mixed adapters, merged or disabled adapters, a LoRA bias, a base layer that
 is not nn.Linear, adapters in another dtype than the base layer's output).
 """
 from __future__ import annotations
