@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 _LEVELS = 65536  # 16-bit random slices
 
@@ -47,10 +48,14 @@ class FastDropout(nn.Dropout):
         return torch.where(mask, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def zero_dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """x with this step's dropped elements zeroed, unscaled, and the scale 1 / (1 - p') that the kept ones
-        take (a consumer that is linear in x can apply it later, on a smaller tensor: train/fused_lora.py)."""
-        mask, scale = keep_mask(x.shape, self.p, x.device)
-        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), scale
+        return zero_dropped(x, self.p)
+
+
+def zero_dropped(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """x with this step's dropped elements zeroed, unscaled, and the scale 1 / (1 - p') that the kept ones take
+    (a consumer that is linear in x applies it later, on a smaller tensor: train/fused_lora.py, fast_dropout_sdpa)."""
+    mask, scale = keep_mask(x.shape, p, x.device)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), scale
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -86,8 +91,6 @@ def fast_dropout_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention function (same arguments, same result), with FastDropout's attention mask."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (not 0.0 < dropout < 1.0 or (causal and attention_mask is None and query.shape[2] > 1)
             or any(v is not None and v is not False for v in kwargs.values())):
@@ -106,8 +109,8 @@ def fast_dropout_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             else:
                 attn.add_(attention_mask)
         probs = torch.softmax(attn, dim=-1)
-        keep, scale = keep_mask(probs.shape, dropout, probs.device)
-        out = torch.matmul(torch.where(keep, probs, torch.zeros((), dtype=probs.dtype, device=probs.device)), value)
+        kept, scale = zero_dropped(probs, dropout)
+        out = torch.matmul(kept, value)
         out.mul_(scale)  # the dropout's 1 / (1 - p) on the [.., query, head_dim] output, not the probabilities
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
